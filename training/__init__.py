@@ -1,0 +1,1 @@
+"""d4m.training."""
