@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from d4m.dicom_io.errors import InputError
 
 
 @dataclass(frozen=True)

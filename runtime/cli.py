@@ -32,7 +32,9 @@ def main(
 
 @app.command()
 def inspect(
-    folder: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Folder of DICOM files (nested, any names).")],
+    folder: Annotated[
+        Path, typer.Argument(exists=True, file_okay=False, help="Folder of DICOM files (nested, any names).")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """List the studies and CT series found, and what was skipped and why. Loads no model."""

@@ -13,11 +13,12 @@ from importlib import metadata
 from typing import TypeVar
 
 import typer
-from d4m.dicom_io.errors import D4MError
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
+
+from d4m.dicom_io.errors import D4MError
 
 T = TypeVar("T")
 

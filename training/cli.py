@@ -59,3 +59,26 @@ def phantom(
             stderr.print(f"preview: {out / 'preview.png'}")
 
     run_command(action)
+
+
+@app.command()
+def register(
+    data: Annotated[Path, typer.Option(exists=True, help="Dataset folder (with dataset.json) to register.")],
+    out: Annotated[Path, typer.Option(help="Output dataset folder: every phase on the PVP grid.")],
+    seed: Annotated[int, typer.Option(help="Registration sampling seed.")] = 0,
+    bspline: Annotated[bool, typer.Option(help="Add a coarse B-spline stage after rigid and affine.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Redo a folder made with another configuration.")] = False,
+) -> None:
+    """Stage 1: register NC, ART and DEL to the portal-venous phase (liver-focused, rigid then affine)."""
+    from d4m.runtime.registration import RegistrationSettings
+    from d4m.training.datasets import load_dataset
+    from d4m.training.prealignment import RegistrationConfig, register_dataset
+
+    def action() -> None:
+        settings = RegistrationSettings(bspline=bspline)
+        config = RegistrationConfig(data=data, out=out, settings=settings, seed=seed, overwrite=overwrite)
+        with progress_bar("registration", len(load_dataset(data)), _QUIET["quiet"]) as advance:
+            dataset = register_dataset(config, progress=advance)
+        stderr.print(f"registered {len(dataset)} cases: {out}/dataset.json, summary {out}/registration_summary.json")
+
+    run_command(action)

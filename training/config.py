@@ -103,6 +103,11 @@ def _coerce(hint: Any, value: Any) -> Any:
         return {_coerce(args[0], k): _coerce(args[1], v) for k, v in value.items()}
     if isinstance(hint, type) and issubclass(hint, Enum):
         return hint(value)
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        if hasattr(hint, "from_dict"):
+            return hint.from_dict(value)
+        nested = typing.get_type_hints(hint)
+        return hint(**{k: _coerce(nested[k], v) for k, v in value.items()})
     if hint is Path:
         return Path(value)
     if hint is float and isinstance(value, int):

@@ -111,7 +111,9 @@ def load_dataset(path: Path) -> Dataset:
         phases = tuple(Phase(p) for p in data.get("phases", [p.value for p in PHASE_ORDER]))
         cases = tuple(_case_from_json(c, root) for c in data["cases"])
     except (KeyError, ValueError, TypeError) as exc:
-        raise InputError(f"{path}: expected cases with 'id' and 'images' of phases NC/ART/PVP/DEL, found {exc!r}") from exc
+        raise InputError(
+            f"{path}: expected cases with 'id' and 'images' of phases NC/ART/PVP/DEL, found {exc!r}"
+        ) from exc
     ids = [c.id for c in cases]
     if len(set(ids)) != len(ids):
         raise InputError(f"{path}: expected unique case ids, found duplicates")

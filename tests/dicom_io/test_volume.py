@@ -40,7 +40,8 @@ def test_sitk_and_nifti_round_trips_keep_geometry(tmp_path: Path) -> None:
     np.testing.assert_allclose(nifti.affine, vol.affine, atol=1e-4)
     # an independent reader of the NIfTI header agrees (SimpleITK's own image, not our conversion)
     image = sitk.ReadImage(str(tmp_path / "v.nii.gz"))
-    np.testing.assert_allclose(image.TransformIndexToPhysicalPoint((6, 5, 4)), (vol.affine @ [6, 5, 4, 1])[:3], atol=1e-3)
+    expected = (vol.affine @ [6, 5, 4, 1])[:3]
+    np.testing.assert_allclose(image.TransformIndexToPhysicalPoint((6, 5, 4)), expected, atol=1e-3)
     assert not list(tmp_path.glob(".*partial*"))
 
 

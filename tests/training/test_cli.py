@@ -1,0 +1,44 @@
+"""d4m-train's commands through Typer's runner: exit codes and outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from d4m.training.cli import app
+from d4m.training.datasets import load_dataset
+
+runner = CliRunner()
+
+
+def test_phantom_writes_a_loadable_cohort_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "cohort"
+    args = ["-q", "phantom", "--out", str(out), "--cases", "1", "--seed", "3", "--no-dicom", "--preview"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    dataset = load_dataset(out)
+    assert [c.id for c in dataset.cases] == ["case_000"]
+    assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2
+    assert "existing one" in again.output
+
+
+def test_register_runs_on_a_phantom_cohort(tmp_path: Path) -> None:
+    made = runner.invoke(app, ["-q", "phantom", "--out", str(tmp_path / "c"), "--cases", "1", "--no-dicom"])
+    assert made.exit_code == 0
+    result = runner.invoke(app, ["-q", "register", "--data", str(tmp_path / "c"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "r" / "registration_summary.json").read_text())
+    assert summary
+    assert len(load_dataset(tmp_path / "r")) == 1
+
+
+def test_bad_dataset_is_exit_code_2(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "dataset.json").write_text("{broken")
+    result = runner.invoke(app, ["register", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "expected valid JSON" in result.output
