@@ -42,3 +42,31 @@ def test_bad_dataset_is_exit_code_2(tmp_path: Path) -> None:
     result = runner.invoke(app, ["register", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2
     assert "expected valid JSON" in result.output
+
+
+def test_every_stage_command_is_listed() -> None:
+    output = runner.invoke(app, ["--help"]).output
+    for command in ("phantom", "register", "inpainter", "normalize", "autoencoder", "ldm", "synthesize",
+                    "segmenter", "evaluate"):
+        assert command in output
+
+
+def test_rules_synthesis_from_the_cli(tmp_path: Path) -> None:
+    assert runner.invoke(app, ["-q", "phantom", "--out", str(tmp_path / "c"), "--cases", "1", "--seed", "2",
+                               "--no-dicom"]).exit_code == 0
+    assert runner.invoke(app, ["-q", "register", "--data", str(tmp_path / "c"), "--out", str(tmp_path / "r")]
+                         ).exit_code == 0
+    result = runner.invoke(app, ["-q", "synthesize", "--data", str(tmp_path / "r"), "--out", str(tmp_path / "s"),
+                                 "--synthesizer", "rules"])
+    assert result.exit_code == 0, result.output
+    synthetic = load_dataset(tmp_path / "s")
+    assert len(synthetic) == 1
+    assert (synthetic.cases[0].read_label().array == 2).any()
+
+
+def test_segmenter_with_a_bad_option_is_exit_code_2(tmp_path: Path) -> None:
+    assert runner.invoke(app, ["-q", "phantom", "--out", str(tmp_path / "c"), "--cases", "1", "--no-dicom"]
+                         ).exit_code == 0
+    result = runner.invoke(app, ["segmenter", "--data", str(tmp_path / "c"), "--out", str(tmp_path / "run"),
+                                 "--data-fraction", "7"])
+    assert result.exit_code == 2
