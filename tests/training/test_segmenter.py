@@ -340,6 +340,8 @@ def test_two_gloo_processes_match_one_process_with_twice_the_batch(dataset: Data
     )
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = read_weights(single / "last.safetensors"), read_weights(tmp_path / "ddp" / "last.safetensors")
+    # AdamW steps are ~lr = 3e-3 per weight: a wrong sharding differs by that much, float
+    # reduction order by < 1e-4 (measured 2e-5 after 3 steps)
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
     assert [r["step"] for r in _csv(tmp_path / "ddp" / "metrics.csv")] == ["3"], "only rank 0 writes"
