@@ -19,13 +19,14 @@ folder holding ``dataset.json``.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from d4m.dicom_io.codes import PHASE_ORDER, Phase
 from d4m.dicom_io.errors import InputError
-from d4m.dicom_io.volume import Volume, read_image
+from d4m.dicom_io.volume import Volume, read_image, write_image
 from d4m.runtime.artifacts import read_json, write_json
 
 DATASET_SCHEMA_VERSION = 1
@@ -122,6 +123,17 @@ def load_dataset(path: Path) -> Dataset:
             if file is not None and not file.exists():
                 raise InputError(f"{path}: case {case.id}: expected the file {file.relative_to(root)}, found nothing")
     return Dataset(root, cases, phases, dict(data.get("source", {})))
+
+
+def copy_image(source: Path, folder: Path, relative: str) -> str:
+    """Copy an image to ``folder/relative`` (NIfTI byte for byte, other formats rewritten); return ``relative``."""
+    target = folder / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.name.endswith(".nii.gz"):
+        shutil.copyfile(source, target)
+    else:
+        write_image(read_image(source), target)
+    return relative
 
 
 def _names(paths: dict[Phase, Path]) -> list[str]:

@@ -37,7 +37,6 @@ import hashlib
 import logging
 import math
 import re
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,7 +53,7 @@ from d4m.dicom_io.errors import InputError
 from d4m.dicom_io.volume import read_image, write_image
 from d4m.runtime.artifacts import atomic_dir, read_json, write_json
 from d4m.training.config import StageConfig
-from d4m.training.datasets import Case, Dataset, load_dataset
+from d4m.training.datasets import Case, Dataset, copy_image, load_dataset
 from d4m.training.inpainting_masks import tumor_hole
 
 if TYPE_CHECKING:
@@ -354,14 +353,6 @@ def _reusable(case_dir: Path, fingerprint: dict[str, Any], overwrite: bool) -> d
 # the stage
 # --------------------------------------------------------------------------------------------
 
-def _copy(source: Path, folder: Path, relative: str) -> str:
-    target = folder / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if source.name.endswith(".nii.gz"):
-        shutil.copyfile(source, target)
-    else:
-        write_image(read_image(source), target)
-    return relative
 
 
 def _normalize_case(case: Case, folder: Path, filler: _Filler, config: NormalizeConfig) -> dict[str, Any]:
@@ -377,11 +368,11 @@ def _normalize_case(case: Case, folder: Path, filler: _Filler, config: Normalize
     files: dict[str, Any] = {"images": {}, "normal": {}, "truth": {}, "label": None, "hole": HOLE_FILE}
     write_image(pvp.with_array(hole.astype(np.uint8)), folder / HOLE_FILE)
     if case.label is not None:
-        files["label"] = _copy(case.label, folder, "label.nii.gz")
+        files["label"] = copy_image(case.label, folder, "label.nii.gz")
     for phase, path in case.truth.items():
-        files["truth"][phase.value] = _copy(path, folder, f"truth/{phase.value}.nii.gz")
+        files["truth"][phase.value] = copy_image(path, folder, f"truth/{phase.value}.nii.gz")
     for phase, path in case.images.items():
-        files["images"][phase.value] = _copy(path, folder, f"images/{phase.value}.nii.gz")
+        files["images"][phase.value] = copy_image(path, folder, f"images/{phase.value}.nii.gz")
         volume = pvp if phase is REFERENCE else case.image(phase)
         normal = volume.with_array(filler(np.asarray(volume.array), hole, phase))
         write_image(normal, folder / "normal" / f"{phase.value}.nii.gz")

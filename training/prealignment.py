@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from d4m.runtime.registration import (
     resample_to,
 )
 from d4m.training.config import StageConfig
-from d4m.training.datasets import Case, Dataset, load_dataset
+from d4m.training.datasets import Case, Dataset, copy_image, load_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -246,10 +245,10 @@ def _register_case(case: Case, folder: Path, config: RegistrationConfig) -> dict
     liver = label if label is not None and bool((label.array > 0).any()) else None
     files: dict[str, Any] = {"images": {}, "normal": {}, "truth": {}, "label": None}
     if case.label is not None:
-        files["label"] = _copy_image(case.label, folder, "label.nii.gz")
+        files["label"] = copy_image(case.label, folder, "label.nii.gz")
     for key, paths in (("images", case.images), ("normal", case.normal), ("truth", case.truth)):
         if REFERENCE in paths:
-            files[key][REFERENCE.value] = _copy_image(paths[REFERENCE], folder, f"{key}/{REFERENCE.value}.nii.gz")
+            files[key][REFERENCE.value] = copy_image(paths[REFERENCE], folder, f"{key}/{REFERENCE.value}.nii.gz")
     reference_truth = read_image(case.truth[REFERENCE]) if REFERENCE in case.truth else label
 
     entries: dict[str, Any] = {}
@@ -416,15 +415,6 @@ def _reusable_report(case_dir: Path, fingerprint: dict[str, Any], overwrite: boo
 # --- small helpers -------------------------------------------------------------------------------
 
 
-def _copy_image(source: Path, folder: Path, relative: str) -> str:
-    """Copy an image to ``folder/relative`` (NIfTI byte for byte, other formats rewritten); return ``relative``."""
-    target = folder / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if source.name.endswith(".nii.gz"):
-        shutil.copyfile(source, target)
-    else:
-        write_image(read_image(source), target)
-    return relative
 
 
 def _mean(values: Any) -> float | None:
