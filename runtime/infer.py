@@ -14,9 +14,10 @@ The steps of DESIGN section 4, each timed with its peak memory (:class:`~d4m.run
     mixed image sizes are refused — every problem of every phase listed in one error — unless
     ``allow_resample`` (then :mod:`d4m.runtime.slice_stack` resamples them).
 ``register``
-    Register the other phases to the *reference phase* (rigid then affine, SimpleITK) and
-    record the quality figure. A phase under the registration gate is not used: it is treated
-    as missing (filled by duplication) and the report says why.
+    Register the other phases to the *reference phase* (rigid then affine, SimpleITK; the phases
+    concurrently, each deterministic) and record the quality figure. A phase under the
+    registration gate is not used: it is treated as missing (filled by duplication) and the
+    report says why.
 ``resample``
     Duplicate missing phases (:mod:`d4m.runtime.phases_fill`), resample to the bundle's spacing,
     window and z-score with the bundle's constants (:func:`~d4m.runtime.preprocess.prepare_input`,
@@ -49,15 +50,18 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import resource
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
 from d4m.dicom_io.codes import PHASE_ORDER, Phase, SegType
@@ -450,13 +454,29 @@ class _Registered:
 
 def register_phases(loaded: Mapping[Phase, _Loaded], reference: Phase, settings: RegistrationSettings,
                     warnings: list[str]) -> _Registered:
-    """Register every phase to ``reference``; a phase under the gate is dropped with a warning."""
+    """Register every phase to ``reference``; a phase under the gate is dropped with a warning.
+
+    The phases are registered concurrently, one thread each (SimpleITK releases the GIL), each
+    with ``settings.threads`` SimpleITK threads: with the default of 1 the results are bit for bit
+    those of one registration after the other (tested), about twice as fast on two cores. The
+    process-wide SimpleITK thread count is set once around the block, not per registration, so
+    the concurrent registrations cannot see each other's setting.
+    """
     fixed = loaded[reference].volume
     result = _Registered({reference: fixed}, {}, {})
-    for phase in PHASE_ORDER:
-        if phase == reference or phase not in loaded:
-            continue
-        outcome = register_to_reference(loaded[phase].volume, fixed, None, settings)
+    moving = [p for p in PHASE_ORDER if p != reference and p in loaded]
+    workers = max(1, min(len(moving), os.cpu_count() or 1))
+    inner = dataclasses.replace(settings, threads=0) if settings.threads else settings
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    if settings.threads:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(settings.threads)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="d4m-register") as pool:
+            outcomes = dict(zip(moving, pool.map(
+                lambda phase: register_to_reference(loaded[phase].volume, fixed, None, inner), moving), strict=True))
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+    for phase, outcome in outcomes.items():
         result.figures[phase] = {**outcome.to_dict(), "used": outcome.accepted}
         if outcome.accepted:
             result.images[phase] = outcome.image

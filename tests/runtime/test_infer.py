@@ -23,11 +23,13 @@ from types import ModuleType
 import numpy as np
 import pydicom
 import pytest
+import SimpleITK as sitk
 
 from d4m.dicom_io.codes import PHASE_ORDER, Phase
 from d4m.dicom_io.errors import EngineError, InputError
 from d4m.dicom_io.reader import read_series_datasets
 from d4m.dicom_io.seg_writer import read_seg
+from d4m.dicom_io.series import scan_folder
 from d4m.dicom_io.volume import read_image
 from d4m.runtime.bundle import load_bundle
 from d4m.runtime.infer import (
@@ -36,9 +38,12 @@ from d4m.runtime.infer import (
     InferResult,
     choose_reference,
     parse_phase_override,
+    read_phases,
+    register_phases,
     run,
 )
-from d4m.runtime.registration import RegistrationSettings
+from d4m.runtime.phases import assign_phases
+from d4m.runtime.registration import RegistrationSettings, register_to_reference
 
 
 def _load_kit() -> ModuleType:
@@ -135,6 +140,17 @@ def test_phase_overrides_and_options_are_validated(tmp_path: Path) -> None:
                          ({"seg_format": "fractional"}, "--seg-format"), ({"threads": 0}, "--threads")):
         with pytest.raises(InputError, match=message):
             InferConfig(tmp_path, tmp_path, tmp_path / "o", **bad)  # type: ignore[arg-type]
+
+
+def test_concurrent_registration_equals_one_after_the_other(study: Path) -> None:
+    loaded = read_phases(assign_phases(scan_folder(study).series), allow_resample=False)
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    registered = register_phases(loaded, Phase.PVP, FAST, [])
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == threads
+    for phase in (Phase.NC, Phase.ART, Phase.DEL):
+        alone = register_to_reference(loaded[phase].volume, loaded[Phase.PVP].volume, None, FAST)
+        assert registered.figures[phase]["transform"] == alone.to_dict()["transform"]
+        np.testing.assert_array_equal(registered.images[phase].array, alone.image.array)
 
 
 # --------------------------------------------------------------------------- a full run
