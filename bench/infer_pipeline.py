@@ -262,6 +262,7 @@ def main() -> None:
     filters = tuple(int(v) for v in args.filters.split(","))
     patch = tuple(int(v) for v in args.patch.split(","))
     spacing = tuple(float(v) for v in args.spacing.split(","))
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         case = generate_case(0, PhantomConfig(cases=1, seed=0, size=args.size))
@@ -313,6 +314,9 @@ def main() -> None:
     print("\n| slices | d4m wall s | network s | s per slice |\n|---|---|---|---|")
     for count, total, net in scaling:
         print(f"| {count} | {total:.1f} | {net:.1f} | {total / count:.3f} |")
+    load_after = os.getloadavg()
+    print(f"\nload average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in load_before)}; "
+          f"after: {', '.join(f'{v:.2f}' for v in load_after)} ({os.cpu_count()} cores; other jobs share them)")
 
 
 if __name__ == "__main__":

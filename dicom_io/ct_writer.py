@@ -163,55 +163,43 @@ def _stored_values(volume: Volume, meta: CTSeriesMeta) -> np.ndarray:
     return np.clip(scaled, _INT16.min, _INT16.max).astype(np.int16)
 
 
+#: DICOM keyword ← :class:`CTSeriesMeta` field, the same on every slice of the series.
+_FROM_META = (
+    # patient and study
+    ("PatientName", "patient_name"), ("PatientID", "patient_id"), ("PatientSex", "patient_sex"),
+    ("PatientAge", "patient_age"), ("StudyInstanceUID", "study_uid"), ("StudyDate", "study_date"),
+    ("StudyTime", "study_time"), ("StudyID", "study_id"), ("AccessionNumber", "accession_number"),
+    # series, equipment, frame of reference
+    ("SeriesInstanceUID", "series_uid"), ("SeriesNumber", "series_number"), ("SeriesDescription", "description"),
+    ("SeriesDate", "study_date"), ("SeriesTime", "acquisition_time"), ("BodyPartExamined", "body_part"),
+    ("PatientPosition", "patient_position"), ("FrameOfReferenceUID", "frame_of_reference_uid"),
+    # acquisition
+    ("AcquisitionDate", "study_date"), ("AcquisitionTime", "acquisition_time"), ("ContentDate", "study_date"),
+    ("ContentTime", "acquisition_time"),
+)
+#: DICOM keyword → value, fixed for every series this writer makes.
+_FIXED = (
+    ("SpecificCharacterSet", "ISO_IR 100"), ("SOPClassUID", CTImageStorage),
+    ("PatientBirthDate", ""), ("ReferringPhysicianName", ""), ("StudyDescription", "d4m phantom abdomen"),
+    ("Modality", "CT"), ("Manufacturer", "d4m phantom"), ("ManufacturerModelName", "d4m phantom"),
+    ("SoftwareVersions", "d4m"), ("PositionReferenceIndicator", ""), ("AcquisitionNumber", 1),
+    ("ConvolutionKernel", "STANDARD"), ("RescaleType", "HU"), ("WindowCenter", "40"), ("WindowWidth", "400"),
+)
+
+
 def _base_dataset(volume: Volume, meta: CTSeriesMeta) -> Dataset:
     """The attributes shared by every slice of the series."""
     ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = CTImageStorage
+    for keyword, value in _FIXED:
+        setattr(ds, keyword, value)
+    for keyword, attribute in _FROM_META:
+        setattr(ds, keyword, getattr(meta, attribute))
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    today = datetime.date.today().strftime("%Y%m%d")
-    ds.InstanceCreationDate = today
+    ds.InstanceCreationDate = datetime.date.today().strftime("%Y%m%d")
     ds.InstanceCreationTime = datetime.datetime.now().strftime("%H%M%S")
-    # Patient and study
-    ds.PatientName = meta.patient_name
-    ds.PatientID = meta.patient_id
-    ds.PatientBirthDate = ""
-    ds.PatientSex = meta.patient_sex
-    ds.PatientAge = meta.patient_age
-    ds.StudyInstanceUID = meta.study_uid
-    ds.StudyDate = meta.study_date
-    ds.StudyTime = meta.study_time
-    ds.StudyID = meta.study_id
-    ds.AccessionNumber = meta.accession_number
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "d4m phantom abdomen"
-    # Series, equipment, frame of reference
-    ds.Modality = "CT"
-    ds.SeriesInstanceUID = meta.series_uid
-    ds.SeriesNumber = meta.series_number
-    ds.SeriesDescription = meta.description
-    ds.SeriesDate = meta.study_date
-    ds.SeriesTime = meta.acquisition_time
-    ds.BodyPartExamined = meta.body_part
-    ds.PatientPosition = meta.patient_position
-    ds.Manufacturer = "d4m phantom"
-    ds.ManufacturerModelName = "d4m phantom"
-    ds.SoftwareVersions = "d4m"
-    ds.FrameOfReferenceUID = meta.frame_of_reference_uid
-    ds.PositionReferenceIndicator = ""
-    # Acquisition and CT image
-    ds.AcquisitionDate = meta.study_date
-    ds.AcquisitionTime = meta.acquisition_time
-    ds.ContentDate = meta.study_date
-    ds.ContentTime = meta.acquisition_time
-    ds.AcquisitionNumber = 1
     ds.KVP = _ds(meta.kvp)
-    ds.ConvolutionKernel = "STANDARD"
     ds.RescaleIntercept = _ds(meta.rescale_intercept)
     ds.RescaleSlope = _ds(meta.rescale_slope)
-    ds.RescaleType = "HU"
-    ds.WindowCenter = "40"
-    ds.WindowWidth = "400"
     if meta.contrast_agent:
         ds.ContrastBolusAgent = meta.contrast_agent
         ds.ContrastBolusRoute = "IV"

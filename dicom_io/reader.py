@@ -7,6 +7,11 @@ normal, so its direction matrix is right-handed whatever the patient position. M
 non-uniform spacing, duplicate positions, gantry tilt, mixed orientations or image sizes and
 single-slice series are refused with an :class:`InputError` that names the series and the files
 (relative to the scanned folder).
+
+Each file is parsed once per run: a series from :func:`~d4m.dicom_io.series.scan_folder` carries
+the headers the scan read (:attr:`~d4m.dicom_io.series.SeriesInfo.headers`), so planning reuses
+them and reading the pixels parses only what follows the header (from the pixel data element's
+offset the scan recorded). Files without a recorded offset are parsed whole, as before.
 """
 
 from __future__ import annotations
@@ -21,10 +26,18 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
 from d4m.dicom_io.errors import InputError
-from d4m.dicom_io.series import PARSE_ERRORS, SeriesInfo, display_name, read_dicom, series_label
+from d4m.dicom_io.series import (
+    PARSE_ERRORS,
+    InstanceHeader,
+    SeriesInfo,
+    display_name,
+    read_dicom,
+    series_label,
+)
 from d4m.dicom_io.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -57,6 +70,7 @@ class _Slice:
     rows: int
     cols: int
     pixel_spacing: tuple[float, float]
+    pixel_offset: int | None = None  # where the pixel data element starts (None: parse the whole file)
 
 
 @dataclass(frozen=True)
@@ -128,7 +142,7 @@ def read_series_datasets(
     plan = _plan(series, allow_gantry_tilt_resample)
     if not with_pixels:
         return [s.dataset for s in plan.slices]
-    return [read_dicom(s.path, plan.root) for s in plan.slices]
+    return [_full_dataset(s, plan.root) for s in plan.slices]
 
 
 # --------------------------------------------------------------------------- planning
@@ -137,7 +151,11 @@ def read_series_datasets(
 def _plan(series: SeriesInfo | Sequence[Path], allow_tilt: bool) -> _Plan:
     """Read headers, validate them and sort the slices; decide the grid."""
     files, root, label = _resolve(series)
-    slices = [_slice_header(path, root) for path in files]
+    headers = series.headers if isinstance(series, SeriesInfo) and len(series.headers) == len(files) else None
+    if headers is None:
+        slices = [_slice_header(path, root) for path in files]
+    else:
+        slices = [_slice_header(h.path, root, h) for h in headers]
     label = label or _label_from(slices[0].dataset)
     _check_one_series(slices, label)
     if len(slices) < 2:
@@ -173,10 +191,10 @@ def _label_from(ds: Dataset) -> str:
     return series_label(ds.get("SeriesNumber"), ds.get("SeriesDescription", ""))
 
 
-def _slice_header(path: Path, root: Path | None) -> _Slice:
-    """Header facts of one file, or an InputError naming the file and the missing attribute."""
+def _slice_header(path: Path, root: Path | None, header: InstanceHeader | None = None) -> _Slice:
+    """Header facts of one file (parsed now unless ``header`` holds them), or an InputError naming the file."""
     name = display_name(path, root)
-    ds = read_dicom(path, root, stop_before_pixels=True)
+    ds = header.dataset if header is not None else read_dicom(path, root, stop_before_pixels=True)
     values = {}
     for keyword, count in (("ImagePositionPatient", 3), ("ImageOrientationPatient", 6), ("PixelSpacing", 2)):
         value = ds.get(keyword)
@@ -207,6 +225,7 @@ def _slice_header(path: Path, root: Path | None) -> _Slice:
         int(rows),
         int(cols),
         (float(spacing[0]), float(spacing[1])),
+        header.pixel_offset if header is not None else None,
     )
 
 
@@ -323,6 +342,30 @@ def _check_steps(slices: list[_Slice], normal: np.ndarray, label: str) -> float:
 # --------------------------------------------------------------------------- pixels
 
 
+def _full_dataset(s: _Slice, root: Path | None) -> Dataset:
+    """The slice's dataset with its pixel data: the parsed header plus the elements from the pixel offset on.
+
+    Without a recorded offset the whole file is parsed. Raises InputError naming the file.
+    """
+    if s.pixel_offset is None:
+        return read_dicom(s.path, root)
+    header = s.dataset
+    implicit, little = header.original_encoding
+    try:
+        with s.path.open("rb") as fp:
+            fp.seek(s.pixel_offset)
+            tail = read_dataset(fp, bool(implicit), bool(little), parent_encoding=header.original_character_set)
+            for _ in tail.iterall():  # convert now, so corruption shows here (as read_dicom does)
+                pass
+    except PARSE_ERRORS as exc:
+        raise InputError(f"{s.name}: expected a readable DICOM file, found a corrupt dataset "
+                         f"({type(exc).__name__})") from exc
+    full = Dataset({**dict(header.items()), **dict(tail.items())})
+    full.file_meta = header.file_meta
+    full.set_original_encoding(implicit, little, header.original_character_set)
+    return full
+
+
 def _pixels_hu(path: Path, root: Path | None, dataset: Dataset | None = None) -> np.ndarray:
     """Decode one file's pixels and apply its rescale, as float32; InputError naming the file."""
     name = display_name(path, root)
@@ -362,7 +405,7 @@ def _load_pixels(plan: _Plan) -> np.ndarray:
     first = plan.slices[0]
     array = np.empty((len(plan.slices), first.rows, first.cols), dtype=np.float32)
     for k, s in enumerate(plan.slices):
-        pixels = _pixels_hu(s.path, plan.root)
+        pixels = _pixels_hu(s.path, plan.root, _full_dataset(s, plan.root))
         if pixels.shape != (first.rows, first.cols):
             raise InputError(
                 f"{s.name}: expected pixel data of {first.rows}x{first.cols}, found {pixels.shape[0]}x{pixels.shape[1]}"

@@ -2,8 +2,10 @@
 
 The scan walks a folder recursively (any file names, nested folders, files with or without the
 128-byte preamble), reads DICOM headers without pixel data and groups CT Image Storage instances
-by study and series. Nothing that identifies the patient is kept: the dataclasses below hold UIDs,
-series-level acquisition facts and file paths only.
+by study and series. The dataclasses below hold UIDs, series-level acquisition facts and file
+paths; the parsed headers of the indexed instances travel with their series
+(:attr:`SeriesInfo.headers`, left out of ``repr``) so that reading a series does not parse them
+again, and are never printed or logged.
 """
 
 from __future__ import annotations
@@ -69,6 +71,26 @@ class SkippedFile:
 
 
 @dataclass(frozen=True)
+class InstanceHeader:
+    """The parsed header of one indexed file, kept so that reading does not parse it again.
+
+    Attributes
+    ----------
+    path
+        The file.
+    dataset
+        The header, every element converted (read without pixel data).
+    pixel_offset
+        Byte offset of the pixel data element in the file, where the header-only read stopped;
+        ``None`` when unknown (e.g. a deflated file): the reader then parses the whole file.
+    """
+
+    path: Path
+    dataset: Dataset
+    pixel_offset: int | None
+
+
+@dataclass(frozen=True)
 class SeriesInfo:
     """One CT image series as found by :func:`scan_folder` (no patient identifiers).
 
@@ -105,6 +127,10 @@ class SeriesInfo:
         BodyPartExamined, StudyDate (YYYYMMDD) and Manufacturer, ``None`` when absent.
     kvp, slice_thickness
         KVP and SliceThickness of the first instance.
+    headers
+        The parsed header of each file, in ``files`` order, as the scan read it; empty when the
+        series was built otherwise (then :func:`~d4m.dicom_io.reader.read_series` parses the files).
+        Not part of ``repr`` or equality.
     """
 
     study_uid: str
@@ -130,6 +156,7 @@ class SeriesInfo:
     manufacturer: str | None = None
     kvp: float | None = None
     slice_thickness: float | None = None
+    headers: tuple[InstanceHeader, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def n_instances(self) -> int:
@@ -224,14 +251,6 @@ class FolderIndex:
         return counts
 
 
-@dataclass(frozen=True)
-class _Header:
-    """The fields of one accepted instance the index needs."""
-
-    path: Path
-    dataset: Dataset
-
-
 def series_label(number: object, description: object) -> str:
     """Name a series in messages without patient data: ``series 3 'PVP 1.5mm'``."""
     as_int = _int_or_none(number)
@@ -310,17 +329,22 @@ def _read_open(fp, stop_before_pixels: bool) -> Dataset:  # noqa: ANN001 - binar
     return ds
 
 
-def _has_pixel_tag(fp, ds: Dataset) -> bool:  # noqa: ANN001 - binary file object
-    """Whether the header-only read stopped at a pixel data element (deflated files: assumed yes)."""
+def _pixel_tag_offset(fp, ds: Dataset) -> tuple[bool, int | None]:  # noqa: ANN001 - binary file object
+    """Whether the header-only read stopped at a pixel data element, and that element's byte offset.
+
+    Deflated files are assumed to hold pixels, at an unknown offset (the stream is compressed).
+    """
     meta = getattr(ds, "file_meta", None)
     if meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-        return True
+        return True, None
+    offset = fp.tell()
     tag = fp.read(4)
-    return tag in _PIXEL_TAGS_LE or tag in _PIXEL_TAGS_BE
+    found = tag in _PIXEL_TAGS_LE or tag in _PIXEL_TAGS_BE
+    return found, offset if found else None
 
 
-def _header_or_reason(path: Path) -> tuple[Dataset | None, str]:
-    """Read a header and decide whether it is a usable CT image; return (dataset, '') or (None, reason)."""
+def _header_or_reason(path: Path) -> tuple[InstanceHeader | None, str]:
+    """Read a header and decide whether it is a usable CT image; return (header, '') or (None, reason)."""
     if path.name.upper() == "DICOMDIR":
         return None, "DICOMDIR index file"
     try:
@@ -328,13 +352,13 @@ def _header_or_reason(path: Path) -> tuple[Dataset | None, str]:
             return None, "empty file"
         with path.open("rb") as fp:
             ds = _read_open(fp, stop_before_pixels=True)
-            has_pixels = _has_pixel_tag(fp, ds)
+            has_pixels, offset = _pixel_tag_offset(fp, ds)
     except InvalidDicomError:
         return None, "not a DICOM file"
     except PARSE_ERRORS as exc:
         return None, f"unreadable DICOM header ({type(exc).__name__})"
     reason = _skip_reason(ds, has_pixels)
-    return (None, reason) if reason else (ds, "")
+    return (None, reason) if reason else (InstanceHeader(path, ds, offset), "")
 
 
 def _skip_reason(ds: Dataset, has_pixels: bool) -> str:
@@ -412,7 +436,7 @@ def _walk(root: Path) -> Iterator[Path]:
                 yield path
 
 
-def _series_info(headers: list[_Header], root: Path) -> SeriesInfo:
+def _series_info(headers: list[InstanceHeader], root: Path) -> SeriesInfo:
     """Series-level facts from the accepted instances of one series."""
     first = headers[0].dataset
     times = [parse_time(h.dataset.get("AcquisitionTime")) for h in headers]
@@ -442,6 +466,7 @@ def _series_info(headers: list[_Header], root: Path) -> SeriesInfo:
         manufacturer=_text_or_none(first.get("Manufacturer")),
         kvp=_float_or_none(first.get("KVP")),
         slice_thickness=_float_or_none(first.get("SliceThickness")),
+        headers=tuple(headers),
     )
 
 
@@ -470,22 +495,23 @@ def scan_folder(root: Path) -> FolderIndex:
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: expected a folder of DICOM files, found {'a file' if root.exists() else 'nothing'}")
-    grouped: dict[str, dict[str, list[_Header]]] = {}
+    grouped: dict[str, dict[str, list[InstanceHeader]]] = {}
     seen: dict[str, Path] = {}
     skipped: list[SkippedFile] = []
     for path in _walk(root):
         rel = Path(display_name(path, root))
-        ds, reason = _header_or_reason(path)
-        if ds is None:
+        header, reason = _header_or_reason(path)
+        if header is None:
             skipped.append(SkippedFile(rel, reason))
             continue
+        ds = header.dataset
         sop_uid = str(ds.SOPInstanceUID)
         if sop_uid in seen:
             skipped.append(SkippedFile(rel, f"duplicate SOPInstanceUID of {display_name(seen[sop_uid], root)}"))
             continue
         seen[sop_uid] = path
         study = grouped.setdefault(str(ds.StudyInstanceUID), {})
-        study.setdefault(str(ds.SeriesInstanceUID), []).append(_Header(path, ds))
+        study.setdefault(str(ds.SeriesInstanceUID), []).append(header)
     studies = {uid: _study_info(uid, series, root) for uid, series in grouped.items()}
     logger.info(
         "scanned %s: %d studies, %d series, %d files skipped",
@@ -497,7 +523,7 @@ def scan_folder(root: Path) -> FolderIndex:
     return FolderIndex(root=root, studies=studies, skipped=tuple(skipped))
 
 
-def _study_info(study_uid: str, series: dict[str, list[_Header]], root: Path) -> StudyInfo:
+def _study_info(study_uid: str, series: dict[str, list[InstanceHeader]], root: Path) -> StudyInfo:
     infos = sorted((_series_info(headers, root) for headers in series.values()), key=_series_sort_key)
     first = next(iter(series.values()))[0].dataset
     return StudyInfo(

@@ -34,7 +34,6 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from d4m.dicom_io.errors import BundleError, EngineError
@@ -55,6 +54,7 @@ from d4m.runtime.manifest import (
     check_relative,
 )
 from d4m.runtime.runners import (
+    ClosingContext,
     Device,
     EngineKind,
     GpuEnvironment,
@@ -196,7 +196,7 @@ def engine_status(entry: EngineEntry, environment: GpuEnvironment | None) -> Eng
     return EngineStatus(entry, True)
 
 
-class Bundle:
+class Bundle(ClosingContext):
     """A loaded, verified bundle; use it as a context manager so a zip's temporary copy is removed.
 
     Attributes
@@ -224,14 +224,6 @@ class Bundle:
     ) -> None:
         self.source, self.root, self.manifest, self.sha256, self.status = source, root, manifest, sha256, status
         self._tmp = tmp
-
-    def __enter__(self) -> Bundle:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Remove the temporary copy of a zip bundle (no-op for a folder)."""
@@ -280,10 +272,16 @@ class Bundle:
         Raises
         ------
         BundleError, EngineError
-            See :meth:`engine`.
+            See :meth:`engine`; also EngineError for ``tensorrt`` when the bundle holds no
+            TensorRT engine (exit 4: the engine is unavailable, the bundle is not bad).
         """
         resolved = resolve_device(device, tensorrt_usable=bool(self.usable(EngineKind.TENSORRT, name)))
         kind = EngineKind.TENSORRT if resolved == Device.TENSORRT else EngineKind.ONNX
+        if kind == EngineKind.TENSORRT and not any(
+                e.format == kind and e.name == name for e in self.manifest.engines):
+            # The bundle is fine (it may carry ONNX only): the engine asked for is what is unavailable.
+            raise EngineError(f"{self.source.name}: expected a TensorRT engine for '{name}' (--device tensorrt), "
+                              "found none in the bundle; use --device cpu or cuda, or add one with d4m-export")
         return resolved, self.engine(kind, name)
 
     def open_runner(

@@ -55,12 +55,15 @@ def version_callback(value: bool) -> None:
 def run_command(action: Callable[[], T]) -> T:
     """Run a command's library call; turn a :class:`D4MError` into its message and exit code.
 
-    Tracebacks are not shown for expected errors: they may hold local values from the data.
+    Tracebacks are not shown for expected errors: they may hold local values from the data. The
+    message is printed soft-wrapped (rich inserts no line breaks at the console width), so a path
+    in it stays whole for copying and for scripts that read stderr.
     """
     try:
         return action()
     except D4MError as exc:
-        stderr.print(Text.assemble(("error", "bold red"), f" ({type(exc).__name__}): {exc}"), highlight=False)
+        stderr.print(Text.assemble(("error", "bold red"), f" ({type(exc).__name__}): {exc}"), highlight=False,
+                     soft_wrap=True)
         raise typer.Exit(code=exc.exit_code) from None
 
 

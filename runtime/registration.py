@@ -3,7 +3,9 @@
 Stage 1 of Diff4MMLiTS ("pre-registration of the target organs"): rigid, then affine, optionally a
 coarse B-spline, each multi-resolution, with Mattes mutual information (the phases differ in
 contrast, so intensities do not match one to one). Training (``d4m.training.prealignment``) and
-inference (``d4m-infer``) share this module; it imports SimpleITK, numpy and scipy only.
+inference (``d4m-infer``) share this module; it imports SimpleITK, numpy and scipy only. What
+depends on the fixed image alone (metric region, its cropped metric image, the quality samples)
+lives in :mod:`d4m.runtime.registration_reference` and can be prepared once for several phases.
 
 The metric region is the fixed image's liver mask dilated by ``mask_dilation_mm`` when one is
 given; without one (at inference, before segmentation) it is the body of the fixed image: voxels
@@ -34,17 +36,25 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from d4m.dicom_io.errors import InputError
 from d4m.dicom_io.volume import Volume
+from d4m.runtime.registration_reference import (
+    PreparedReference,
+    body_mask,
+    coarsen,
+    dilate_mm,
+    metric_image,
+    metric_region,
+    normalized_mutual_information,
+    prepare_reference,
+    reference_from_region,
+)
 
 logger = logging.getLogger(__name__)
 
 REGISTRATION_SCHEMA_VERSION = 1
 _METRIC_TOLERANCE = 1e-4  # metric changes smaller than this count as no change
-_MAX_WORKING_VOXELS = 400_000  # the fixed box is coarsened until it holds about this many voxels
-_MAX_QUALITY_VOXELS = 500_000  # the quality figure reads at most about this many voxels (regular stride)
 _MIN_STEP = 1e-2  # smallest optimizer step (mm or radians after scaling) before a level ends
 
 
@@ -292,6 +302,8 @@ def register_to_reference(
     fixed: Volume,
     fixed_mask: Volume | None = None,
     settings: RegistrationSettings | None = None,
+    *,
+    prepared: PreparedReference | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` and resample it on the fixed grid.
 
@@ -305,7 +317,12 @@ def register_to_reference(
         A label on the fixed grid whose non-zero voxels are the organ to focus on (the liver);
         ``None`` uses the body of the fixed image instead.
     settings
-        Stages, pyramid, metric, gate; defaults to :class:`RegistrationSettings` ().
+        Stages, pyramid, metric, gate; defaults to :class:`RegistrationSettings` (), or to the
+        settings of ``prepared``.
+    prepared
+        The fixed side prepared once by :func:`prepare_reference` from this ``fixed``,
+        ``fixed_mask`` and ``settings``, when several phases go to the same reference (same
+        result, without recomputing the metric region and the fixed metric image each time).
 
     Returns
     -------
@@ -315,19 +332,24 @@ def register_to_reference(
     Raises
     ------
     InputError
-        ``fixed_mask`` is not on the fixed grid or is empty.
+        ``fixed_mask`` is not on the fixed grid or is empty; ``prepared`` was made from another
+        fixed image or with other settings.
     """
-    settings = settings or RegistrationSettings()
     start = time.perf_counter()
-    region, mask_source = metric_region(fixed, fixed_mask, settings)
+    if prepared is None:
+        prepared = prepare_reference(fixed, fixed_mask, settings or RegistrationSettings())
+    elif prepared.volume is not fixed or settings not in (None, prepared.settings):
+        raise InputError("registration: expected a prepared reference made from this fixed image and these "
+                         "settings, found one made from another")
+    settings, region, mask_source = prepared.settings, prepared.region, prepared.mask_source
     warnings: list[str] = []
     flags: list[Flag] = []
     if region is None:
         flags.append(Flag.NO_MASK)
         warnings.append(f"no metric mask could be made ({mask_source})")
-    problem = _problem(moving, fixed, region, settings)
+    problem = _problem_for(moving, prepared)
     identity = sitk.Euler3DTransform()
-    identity.SetCenter(_region_center(fixed, region))
+    identity.SetCenter(prepared.center)
 
     with _sitk_threads(settings.threads):
         metric_before = _evaluate(problem, identity)
@@ -337,11 +359,11 @@ def register_to_reference(
         warnings.append("no stage improved on the physical-space alignment: identity kept")
 
     before_image = resample_to(moving, fixed, None, Interpolator.LINEAR, settings.fill_value)
-    quality_before = normalized_mutual_information(fixed, before_image, region, settings.intensity_window)
+    quality_before = prepared.quality(before_image)
     image, quality_after, metric_after = before_image, quality_before, metric_before
     if best_name != "identity":
         image = resample_to(moving, fixed, best, Interpolator.LINEAR, settings.fill_value)
-        quality_after = normalized_mutual_information(fixed, image, region, settings.intensity_window)
+        quality_after = prepared.quality(image)
         metric_after = best_metric
         if quality_after < settings.min_quality:
             # An optimiser fed noise still "improves" the metric a little: do not trust it.
@@ -403,7 +425,7 @@ def resample_to(
     interpolator = Interpolator(interpolator)
     dtype = volume.array.dtype
     source = volume.to_sitk()
-    if interpolator is Interpolator.LINEAR and dtype != np.float64:
+    if interpolator is Interpolator.LINEAR and dtype not in (np.float64, np.float32):  # float32: no copy needed
         source = sitk.Cast(source, sitk.sitkFloat32)
     out = sitk.Resample(
         source,
@@ -426,100 +448,6 @@ def resample_label(
 ) -> Volume:
     """Resample a label map on the grid of ``reference`` with nearest-neighbour (outside: 0)."""
     return resample_to(label, reference, transform, Interpolator.NEAREST, 0)
-
-
-def metric_region(
-    fixed: Volume, fixed_mask: Volume | None, settings: RegistrationSettings
-) -> tuple[np.ndarray | None, str]:
-    """The boolean metric region on the fixed grid and a description of where it came from.
-
-    With ``fixed_mask``: its non-zero voxels dilated by ``settings.mask_dilation_mm``. Without:
-    the body of ``fixed`` (see :func:`body_mask`), not dilated (the fixed samples reach the skin,
-    so the skin–air boundary of a misaligned moving image still counts). ``None`` when the body
-    mask is empty or fills the whole image (e.g. an image not in HU): the whole image is used.
-
-    Raises
-    ------
-    InputError
-        ``fixed_mask`` is not on the fixed grid, or has no non-zero voxel.
-    """
-    margin = settings.mask_dilation_mm
-    if fixed_mask is not None:
-        if not fixed_mask.same_grid(fixed):
-            raise InputError(
-                f"registration mask: expected the fixed image's grid {fixed.shape} spacing {fixed.spacing}, "
-                f"found {fixed_mask.shape} spacing {fixed_mask.spacing}"
-            )
-        organ = np.asarray(fixed_mask.array) > 0
-        if not organ.any():
-            raise InputError("registration mask: expected some non-zero voxels (the liver), found none")
-        return dilate_mm(organ, fixed.spacing, margin), f"liver mask dilated by {margin:g} mm"
-    body = body_mask(fixed, settings.body_threshold_hu)
-    fraction = float(body.mean())
-    described = f"body mask (fixed > {settings.body_threshold_hu:g} HU, largest component, holes filled)"
-    if fraction < 0.01 or fraction > 0.98:
-        return None, f"whole image: the {described} covered {fraction:.0%} of it"
-    return body, described
-
-
-def body_mask(volume: Volume, threshold: float = -500.0) -> np.ndarray:
-    """The patient's body: voxels above ``threshold``, largest 3D component, holes filled per slice."""
-    above = np.asarray(volume.array) > threshold
-    labels, count = ndimage.label(above)
-    if count == 0:
-        return above
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    body = labels == int(np.argmax(sizes))
-    for k in range(body.shape[0]):
-        body[k] = ndimage.binary_fill_holes(body[k])
-    return body
-
-
-def dilate_mm(mask: np.ndarray, spacing: tuple[float, float, float], margin_mm: float) -> np.ndarray:
-    """Dilate a boolean ``[k, j, i]`` mask by a Euclidean margin in millimetres."""
-    mask = np.asarray(mask, dtype=bool)
-    if margin_mm <= 0 or not mask.any():
-        return mask.copy()
-    sampling = (spacing[2], spacing[1], spacing[0])
-    pad = [int(math.ceil(margin_mm / s)) + 1 for s in sampling]
-    lo, hi = _bbox(mask)
-    lo = [max(0, a - p) for a, p in zip(lo, pad, strict=True)]
-    hi = [min(n, b + p) for b, p, n in zip(hi, pad, mask.shape, strict=True)]
-    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-    out = np.zeros_like(mask)
-    out[box] = ndimage.distance_transform_edt(~mask[box], sampling=sampling) <= margin_mm
-    return out
-
-
-def normalized_mutual_information(
-    fixed: Volume,
-    moving: Volume,
-    region: np.ndarray | None = None,
-    window: tuple[float, float] | None = None,
-    bins: int = 32,
-) -> float:
-    """Normalised mutual information 2·I(F; M) / (H(F) + H(M)) in ``region``, in [0, 1].
-
-    1 means one image determines the other (same anatomy, any monotone contrast change); near 0
-    means unrelated (noise, another patient). Both images must be on the same grid.
-    """
-    f, m = np.asarray(fixed.array), np.asarray(moving.array)
-    if region is not None:
-        f, m = f[region], m[region]
-    stride = max(1, f.size // _MAX_QUALITY_VOXELS)
-    f, m = f.ravel()[::stride].astype(np.float64), m.ravel()[::stride].astype(np.float64)
-    if f.size < 2:
-        return 0.0
-    f_edges, m_edges = _edges(f, window, bins), _edges(m, window, bins)
-    if f_edges is None or m_edges is None:
-        return 0.0
-    joint = np.histogram2d(f, m, bins=(f_edges, m_edges))[0]
-    p = joint / joint.sum()
-    h_f, h_m, h_joint = _entropy(p.sum(axis=1)), _entropy(p.sum(axis=0)), _entropy(p.ravel())
-    if h_f + h_m <= 0:
-        return 0.0
-    return float(np.clip(2.0 * (h_f + h_m - h_joint) / (h_f + h_m), 0.0, 1.0))
 
 
 def transform_to_dict(transform: sitk.Transform) -> dict[str, Any]:
@@ -570,14 +498,6 @@ def transform_from_dict(data: dict[str, Any]) -> sitk.Transform:
 # --- internals -----------------------------------------------------------------------------------
 
 
-def _metric_image(image: sitk.Image, settings: RegistrationSettings) -> sitk.Image:
-    image = sitk.Cast(image, sitk.sitkFloat32)
-    if settings.intensity_window is not None:
-        low, high = settings.intensity_window
-        image = sitk.Clamp(image, sitk.sitkFloat32, low, high)
-    return image
-
-
 @dataclass(frozen=True)
 class _Problem:
     """The images one registration optimises on: metric images cropped around the metric region."""
@@ -593,55 +513,30 @@ def _problem(
     moving: Volume, fixed: Volume, region: np.ndarray | None, settings: RegistrationSettings
 ) -> _Problem:
     """Crop the fixed image to the region's box and the moving one to that box plus the search margin."""
-    fixed_img = fixed.to_sitk()
+    return _problem_for(moving, reference_from_region(fixed, region, "given region", settings))
+
+
+def _problem_for(moving: Volume, reference: PreparedReference) -> _Problem:
+    """The moving side of a registration to a prepared reference, on private copies of its images."""
+    settings = reference.settings
     moving_img = moving.to_sitk()
-    mask_img = None
-    if region is not None:
-        lo, hi = _bbox(region)
-        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-        fixed_img = Volume(fixed.array[box], fixed.spacing, tuple(fixed.affine[:3] @ [lo[2], lo[1], lo[0], 1.0]),
-                           fixed.direction).to_sitk()
-        mask_img = sitk.GetImageFromArray(np.ascontiguousarray(region[box]).astype(np.uint8))
-        mask_img.CopyInformation(fixed_img)
-    size_f = fixed_img.GetSize()
-    corners = [
-        fixed_img.TransformIndexToPhysicalPoint([int(c * (n - 1)) for c, n in zip(corner, size_f, strict=True)])
-        for corner in np.ndindex(2, 2, 2)
-    ]
-    index_box = np.array([moving_img.TransformPhysicalPointToContinuousIndex(p) for p in corners])
+    index_box = np.array([moving_img.TransformPhysicalPointToContinuousIndex(p) for p in reference.corners])
     pad = settings.search_margin_mm / np.asarray(moving_img.GetSpacing())
     moving_size = np.asarray(moving_img.GetSize())
     lo_m = np.clip(np.floor(index_box.min(axis=0) - pad), 0, moving_size - 1).astype(int)
     hi_m = np.clip(np.ceil(index_box.max(axis=0) + pad) + 1, lo_m + 1, moving_size).astype(int)
     if np.all(hi_m - lo_m >= 4):  # else (hardly any overlap) keep it whole: the stages will fail and say so
         moving_img = sitk.RegionOfInterest(moving_img, (hi_m - lo_m).tolist(), lo_m.tolist())
-    fixed_img, moving_img = _metric_image(fixed_img, settings), _metric_image(moving_img, settings)
-    # Coarser still when the box is large (a whole body): the optimiser's cost follows the voxel count.
-    box_mm3 = float(np.prod(np.asarray(fixed_img.GetSize()) * np.asarray(fixed_img.GetSpacing())))
-    working = max(settings.working_spacing_mm, (box_mm3 / _MAX_WORKING_VOXELS) ** (1 / 3))
-    fixed_img, moving_img = _coarsen(fixed_img, working), _coarsen(moving_img, working)
-    if mask_img is not None:
-        mask_img = sitk.Resample(mask_img, fixed_img, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-        voxels = int(sitk.GetArrayViewFromImage(mask_img).sum())
-    else:
-        voxels = int(np.prod(fixed_img.GetSize()))
-    return _Problem(fixed_img, moving_img, mask_img, voxels, settings)
+    moving_img = coarsen(metric_image(moving_img, settings.intensity_window), reference.working_mm)
+    mask = None if reference.mask is None else _private(reference.mask)
+    return _Problem(_private(reference.fixed), moving_img, mask, reference.region_voxels, settings)
 
 
-def _coarsen(image: sitk.Image, working_mm: float) -> sitk.Image:
-    """Smooth and resample an image to at least ``working_mm`` spacing per axis (unchanged if coarser)."""
-    spacing = np.asarray(image.GetSpacing())
-    if working_mm <= 0 or np.all(spacing >= working_mm * 0.95):
-        return image
-    target = np.maximum(spacing, working_mm)
-    sigma = np.sqrt(np.maximum(target**2 - spacing**2, 0.0)) / 2.0  # anti-aliasing, in mm
-    smooth = sitk.SmoothingRecursiveGaussian(image, [float(max(v, 1e-3)) for v in sigma])
-    size = np.maximum(1, np.floor(np.asarray(image.GetSize()) * spacing / target)).astype(int)
-    direction = np.asarray(image.GetDirection()).reshape(3, 3)
-    origin = np.asarray(image.GetOrigin()) + direction @ ((target - spacing) / 2.0)
-    low = float(sitk.GetArrayViewFromImage(image).min())
-    return sitk.Resample(smooth, [int(n) for n in size], sitk.Transform(), sitk.sitkLinear, origin.tolist(),
-                         target.tolist(), image.GetDirection(), low, sitk.sitkFloat32)
+def _private(image: sitk.Image) -> sitk.Image:
+    """A copy of ``image`` that shares no buffer (concurrent registrations never share an ITK image)."""
+    copy = sitk.Image(image)
+    copy.MakeUnique()
+    return copy
 
 
 @contextlib.contextmanager
@@ -656,16 +551,6 @@ def _sitk_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
-
-
-def _region_center(fixed: Volume, region: np.ndarray | None) -> tuple[float, float, float]:
-    if region is None or not region.any():
-        kji = (np.asarray(fixed.shape) - 1) / 2.0
-    else:
-        kji = np.asarray(ndimage.center_of_mass(region))
-    ijk1 = np.array([kji[2], kji[1], kji[0], 1.0])
-    x, y, z = (fixed.affine @ ijk1)[:3]
-    return float(x), float(y), float(z)
 
 
 def _method(problem: _Problem, shrink_factors: tuple[int, ...]) -> sitk.ImageRegistrationMethod:
@@ -806,34 +691,6 @@ def _grid(reference: Volume) -> sitk.Image:
     return image
 
 
-def _bbox(mask: np.ndarray) -> tuple[list[int], list[int]]:
-    """Half-open bounding box ``(lo, hi)`` of a non-empty boolean array."""
-    lo, hi = [], []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        present = np.flatnonzero(mask.any(axis=other))
-        lo.append(int(present[0]))
-        hi.append(int(present[-1]) + 1)
-    return lo, hi
-
-
-def _edges(values: np.ndarray, window: tuple[float, float] | None, bins: int) -> np.ndarray | None:
-    if window is None:
-        low, high = float(np.percentile(values, 0.5)), float(np.percentile(values, 99.5))
-    else:
-        low, high = window
-    if not high > low:
-        return None
-    edges = np.linspace(low, high, bins + 1)
-    edges[0], edges[-1] = -np.inf, np.inf
-    return edges
-
-
-def _entropy(p: np.ndarray) -> float:
-    p = p[p > 0]
-    return float(-(p * np.log(p)).sum())
-
-
 def _finite_or_none(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else round(float(value), 6)
 
@@ -841,3 +698,24 @@ def _finite_or_none(value: float | None) -> float | None:
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
+
+
+__all__ = [
+    "Flag",
+    "Interpolator",
+    "MetricSampling",
+    "PreparedReference",
+    "RegistrationResult",
+    "RegistrationSettings",
+    "StageReport",
+    "body_mask",
+    "dilate_mm",
+    "metric_region",
+    "normalized_mutual_information",
+    "prepare_reference",
+    "register_to_reference",
+    "resample_label",
+    "resample_to",
+    "transform_from_dict",
+    "transform_to_dict",
+]

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 import numpy as np
 
@@ -97,6 +97,48 @@ class TensorSpec:
         """``image: float32[N, 4, 96, 96, 96]``."""
         dims = ", ".join("?" if d is None else str(d) for d in self.shape)
         return f"{self.name}: {self.dtype}[{dims}]"
+
+
+class ClosingContext:
+    """``with obj:`` closes ``obj`` at the end: the context-manager half of runners and bundles."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release what the object holds (subclasses say what)."""
+
+
+class DeclaredTensors(ClosingContext):
+    """What both runners expose about their engine's tensors (set ``_inputs`` and ``_outputs``)."""
+
+    _inputs: tuple[TensorSpec, ...]
+    _outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """Declared input names, in model order."""
+        return tuple(s.name for s in self._inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """Declared output names, in model order."""
+        return tuple(s.name for s in self._outputs)
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        """Declared inputs: names, shapes (``None`` or a name for dynamic dimensions), dtypes."""
+        return self._inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        """Declared outputs: names, shapes (``None`` or a name for dynamic dimensions), dtypes."""
+        return self._outputs
 
 
 @runtime_checkable
@@ -222,7 +264,7 @@ def onnx_cuda_available() -> bool:
         return False
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(DeclaredTensors):
     """Run an ONNX model with ONNX Runtime on the CPU or CUDA provider.
 
     Parameters
@@ -304,26 +346,6 @@ class OnnxRuntimeRunner:
                     ", ".join(self._providers), threads or "default", level.value)
 
     @property
-    def input_names(self) -> tuple[str, ...]:
-        """Declared input names, in model order."""
-        return tuple(s.name for s in self._inputs)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        """Declared output names, in model order."""
-        return tuple(s.name for s in self._outputs)
-
-    @property
-    def inputs(self) -> tuple[TensorSpec, ...]:
-        """Declared inputs (names, shapes, dtypes)."""
-        return self._inputs
-
-    @property
-    def outputs(self) -> tuple[TensorSpec, ...]:
-        """Declared outputs (names, shapes, dtypes)."""
-        return self._outputs
-
-    @property
     def providers(self) -> tuple[str, ...]:
         """The execution providers of the session, as ONNX Runtime reports them."""
         return self._providers
@@ -340,14 +362,6 @@ class OnnxRuntimeRunner:
         if self._session is None:
             raise EngineError(f"{self.path.name}: expected an open runner, found it closed")
         return self._session
-
-    def __enter__(self) -> OnnxRuntimeRunner:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Release the session."""
@@ -435,7 +449,7 @@ def gpu_environment(device_index: int = 0) -> GpuEnvironment | None:
     return GpuEnvironment(str(trt.__version__), name.strip(), f"{props.major}.{props.minor}")
 
 
-class TensorRTRunner:
+class TensorRTRunner(DeclaredTensors):
     """Run a serialized TensorRT 10 engine (``.plan``) on one GPU.
 
     Buffers are allocated per call for the actual input shapes (dynamic shapes within the
@@ -488,37 +502,9 @@ class TensorRTRunner:
                     [s.describe() for s in self._inputs])
 
     @property
-    def input_names(self) -> tuple[str, ...]:
-        """Input tensor names, in engine order."""
-        return tuple(s.name for s in self._inputs)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        """Output tensor names, in engine order."""
-        return tuple(s.name for s in self._outputs)
-
-    @property
-    def inputs(self) -> tuple[TensorSpec, ...]:
-        """Declared inputs (``None`` for dynamic dimensions)."""
-        return self._inputs
-
-    @property
-    def outputs(self) -> tuple[TensorSpec, ...]:
-        """Declared outputs (``None`` for dynamic dimensions)."""
-        return self._outputs
-
-    @property
     def providers(self) -> tuple[str, ...]:
         """Always ``("TensorRT",)``: an engine runs on its GPU or not at all."""
         return (TENSORRT_PROVIDER,)
-
-    def __enter__(self) -> TensorRTRunner:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Free device buffers and the stream, release the engine."""

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -69,8 +69,63 @@ AUTOENCODER_PRESETS: dict[str, dict[str, Any]] = {
 _SOURCES = ("images", "normal")
 
 
+R = TypeVar("R", bound="TrainingRunConfig")
+
+
 @dataclasses.dataclass(frozen=True)
-class AutoencoderConfig(StageConfig):
+class TrainingRunConfig(StageConfig):
+    """The optimisation and run options that the autoencoder and LDM stages share, validated once.
+
+    Subclasses set ``presets`` (name → field values) and may redeclare a field to change its default.
+
+    Attributes
+    ----------
+    steps, batch_size, learning_rate
+        Optimisation.
+    val_fraction, val_crops
+        Share of cases held out (at least one when there are two or more) and number of
+        held-out crops for the validation figure.
+    checkpoint_every
+        Steps between checkpoints (weights, resume state, validation).
+    cache_cases
+        Cases kept in memory at once.
+    seed
+        Seed of every random draw.
+    device
+        ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    """
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    steps: int = 40
+    batch_size: int = 2
+    learning_rate: float = 1e-3
+    val_fraction: float = 0.2
+    val_crops: int = 4
+    checkpoint_every: int = 20
+    cache_cases: int = 8
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "val_crops", "checkpoint_every", "cache_cases"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
+        if self.learning_rate <= 0 or not 0 <= self.val_fraction < 1:
+            raise ValueError("learning_rate > 0 and val_fraction in [0, 1) expected")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device: expected auto, cpu or cuda, found {self.device}")
+
+    @classmethod
+    def from_preset(cls: type[R], name: str, **overrides: Any) -> R:
+        """A config from a named preset (``tiny``, ``cpu``, ``paper``), with overrides."""
+        if name not in cls.presets:
+            raise InputError(f"{cls.stage} preset: expected one of {sorted(cls.presets)}, found '{name}'")
+        return cls(**{**cls.presets[name], "preset": name, **overrides})
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderConfig(TrainingRunConfig):
     """Configuration of ``d4m-train autoencoder``.
 
     Attributes
@@ -109,22 +164,12 @@ class AutoencoderConfig(StageConfig):
     perceptual_weights
         Optional safetensors file with the weights of a MONAI 3D ResNet-10 (1 input channel,
         no classifier) used as a perceptual feature network; ``None`` disables the term.
-    steps, batch_size, learning_rate
-        Optimisation.
-    val_fraction, val_crops
-        Share of cases held out (at least one when there are two or more) and number of
-        held-out crops for the reconstruction MAE.
-    checkpoint_every
-        Steps between checkpoints (weights, resume state, validation).
-    cache_cases
-        Cases kept in memory at once.
-    seed
-        Seed of every random draw.
-    device
-        ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    steps, batch_size, learning_rate, val_fraction, val_crops, checkpoint_every, cache_cases, seed, device
+        See :class:`TrainingRunConfig` (the validation figure is the reconstruction MAE).
     """
 
     stage = "autoencoder"
+    presets = AUTOENCODER_PRESETS
 
     data: Path = Path("data")
     out: Path = Path("runs/autoencoder")
@@ -146,15 +191,6 @@ class AutoencoderConfig(StageConfig):
     disc_channels: int = 8
     disc_layers: int = 2
     perceptual_weights: Path | None = None
-    steps: int = 40
-    batch_size: int = 2
-    learning_rate: float = 1e-3
-    val_fraction: float = 0.2
-    val_crops: int = 4
-    checkpoint_every: int = 20
-    cache_cases: int = 8
-    seed: int = 0
-    device: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", AutoencoderKind(self.kind))
@@ -173,24 +209,10 @@ class AutoencoderConfig(StageConfig):
             raise ValueError(f"channels: expected exactly 3 levels for a kl autoencoder, found {self.channels}")
         if self.kind is AutoencoderKind.KL and any(c % _groups(c) for c in self.channels):
             raise ValueError(f"channels: expected multiples of 8 for a kl autoencoder, found {self.channels}")
-        positive = {"res_layers": self.res_layers, "latent_channels": self.latent_channels, "steps": self.steps,
-                    "batch_size": self.batch_size, "codebook_size": self.codebook_size, "val_crops": self.val_crops,
-                    "checkpoint_every": self.checkpoint_every, "cache_cases": self.cache_cases,
-                    "disc_channels": self.disc_channels, "disc_layers": self.disc_layers}
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{name}: expected >= 1, found {value}")
-        if self.learning_rate <= 0 or not 0 <= self.val_fraction < 1:
-            raise ValueError("learning_rate > 0 and val_fraction in [0, 1) expected")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device: expected auto, cpu or cuda, found {self.device}")
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> AutoencoderConfig:
-        """A config from a named preset (``tiny``, ``cpu``, ``paper``), with overrides."""
-        if name not in AUTOENCODER_PRESETS:
-            raise InputError(f"autoencoder preset: expected one of {sorted(AUTOENCODER_PRESETS)}, found '{name}'")
-        return cls(**{**AUTOENCODER_PRESETS[name], "preset": name, **overrides})
+        for name in ("res_layers", "latent_channels", "codebook_size", "disc_channels", "disc_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
+        super().__post_init__()
 
 
 def _groups(channels: int) -> int:
@@ -562,14 +584,17 @@ def _usable_cases(store: CaseStore, config: AutoencoderConfig) -> list[str]:
 
 
 def reconstruction_mae(model: CTAutoencoder, batch: CropBatch, window: tuple[float, float],
-                       device: torch.device) -> tuple[float, float]:
+                       device: torch.device, chunk: int = 2) -> tuple[float, float]:
     """Mean absolute error in HU of the reconstructions: inside the liver, and over the whole crops.
 
-    The reference is the crop clipped to the window (the autoencoder only sees the window).
+    The reference is the crop clipped to the window (the autoencoder only sees the window). Crops
+    go through the model ``chunk`` at a time: the VQ codebook distances of a whole validation set
+    at once need tens of GiB (64 crops of 96³ against 16384 codes: 54 GiB).
     """
     model.eval()
     with torch.no_grad():
-        reconstruction = model.decode(model.encode(batch.images.to(device))).cpu().numpy()[:, 0]
+        parts = [model.decode(model.encode(images.to(device))).cpu() for images in batch.images.split(chunk)]
+        reconstruction = torch.cat(parts).numpy()[:, 0]
     error = np.abs(unit_to_hu(reconstruction, window) - np.clip(batch.hu, *window))
     liver = batch.liver.numpy() > 0
     return float(error[liver].mean()), float(error.mean())
@@ -656,14 +681,14 @@ def train_autoencoder(config: AutoencoderConfig, progress: Progress | None = Non
         row["loss"] = loss.item()
         row["seconds"] = round(time.perf_counter() - began, 3)
         if step % config.checkpoint_every == 0 or step == config.steps:
-            mae_liver, mae = reconstruction_mae(model, val_batch, config.window, device)
+            mae_liver, mae = reconstruction_mae(model, val_batch, config.window, device, config.batch_size)
             row.update(val_mae_liver_hu=mae_liver, val_mae_hu=mae)
             write_checkpoint(out, step, modules, optimizers)
         log.append(row)
         if progress is not None:
             progress(1)
 
-    mae_liver, mae = reconstruction_mae(model, val_batch, config.window, device)
+    mae_liver, mae = reconstruction_mae(model, val_batch, config.window, device, config.batch_size)
     write_json(out / "metrics.json", {
         "schema_version": 1, "stage": "autoencoder", "steps": max(start, config.steps),
         "held_out_cases": len(val_ids), "held_out_crops": config.val_crops,

@@ -42,9 +42,10 @@ from d4m.dicom_io.codes import LIVER, PHASE_ORDER, TUMOR, Phase
 from d4m.dicom_io.errors import InputError
 from d4m.dicom_io.volume import Volume
 from d4m.runtime.artifacts import write_json
-from d4m.runtime.postprocess import CONNECTIVITY, PostprocessSettings, clean_labels, labels_from_scores
-from d4m.runtime.preprocess import Interpolator, Normalization, prepare_input, resample_like
-from d4m.runtime.sliding_window import Predictor, sliding_window_inference
+from d4m.runtime.postprocess import CONNECTIVITY, PostprocessSettings
+from d4m.runtime.preprocess import Interpolator, resample_like
+from d4m.runtime.segmentation import SegmentationSpec, segment_volumes
+from d4m.runtime.sliding_window import Predictor
 from d4m.training.config import StageConfig
 from d4m.training.datasets import Case
 
@@ -203,64 +204,9 @@ def summarize(rows: Iterable[Mapping[str, Any]], names: Sequence[str] = METRIC_N
 # predicting one study (the runtime's steps, with any predictor)
 # --------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class InferenceSpec:
-    """What a model needs around its network to segment a study.
-
-    Attributes
-    ----------
-    norm
-        Window and z-score constants.
-    spacing
-        Target voxel size ``(x, y, z)`` mm (``None`` = input grid).
-    patch_size
-        Sliding-window size ``(z, y, x)``.
-    overlap
-        Sliding-window overlap.
-    order
-        Channel order.
-    postprocess
-        Clean-up settings; ``None`` skips post-processing (plain argmax).
-    batch_size
-        Windows per predictor call (≥ 2 lets PyTorch's CPU convolutions use oneDNN: 4× faster
-        per window than batch 1, measured on a 2-core machine).
-    """
-
-    norm: Normalization
-    spacing: tuple[float, float, float] | None
-    patch_size: tuple[int, int, int]
-    overlap: float = 0.5
-    order: tuple[Phase, ...] = PHASE_ORDER
-    postprocess: PostprocessSettings | None = dataclasses.field(default_factory=PostprocessSettings)
-    batch_size: int = 4
-
-
-def segment_volumes(
-    volumes: Mapping[Phase, Volume], predictor: Predictor, spec: InferenceSpec
-) -> tuple[Volume, dict[Phase, Phase]]:
-    """Segment a study given as phase volumes on one (PVP) grid; labels come back on that grid.
-
-    Fill missing phases → resample → window + z-score → sliding window → argmax and
-    post-processing → nearest-neighbour resampling back to the input grid.
-
-    Returns
-    -------
-    labels, duplicated
-        ``uint8`` label volume on the input grid, and the duplicated phases.
-    """
-    reference = next(iter(volumes.values()))
-    prepared = prepare_input(volumes, spec.norm, spec.spacing, spec.order)
-    scores = sliding_window_inference(
-        prepared.image, spec.patch_size, spec.overlap, predictor, batch_size=spec.batch_size,
-        pad_value=spec.norm.background,
-    )
-    labels = labels_from_scores(scores)
-    if spec.postprocess is not None:
-        labels = clean_labels(labels, spec.postprocess)
-    on_grid = prepared.grid.with_array(labels)
-    if not on_grid.same_grid(reference):
-        on_grid = resample_like(on_grid, reference, Interpolator.NEAREST, 0)
-    return on_grid, prepared.duplicated
+#: What a model needs around its network to segment a study: the runtime's spec, so a model is
+#: validated with exactly the steps ``d4m-infer`` runs (:mod:`d4m.runtime.segmentation`).
+InferenceSpec = SegmentationSpec
 
 
 def phase_set_name(phases: Iterable[Phase]) -> str:

@@ -45,6 +45,7 @@ from d4m.training.autoencoder import (
     CaseStore,
     CaseVolumes,
     CTAutoencoder,
+    TrainingRunConfig,
     crop_volume,
     hu_to_unit,
     load_autoencoder,
@@ -56,7 +57,6 @@ from d4m.training.autoencoder import (
     write_checkpoint,
 )
 from d4m.training.checkpoints import MetricsLog, load_weights
-from d4m.training.config import StageConfig
 from d4m.training.datasets import load_dataset
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ LDM_PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class LDMConfig(StageConfig):
+class LDMConfig(TrainingRunConfig):
     """Configuration of ``d4m-train ldm``.
 
     Attributes
@@ -117,13 +117,12 @@ class LDMConfig(StageConfig):
     mask_weight
         Loss weight of the latent voxels the tumour mask touches (1 = the paper's plain
         ``‖ε − εθ‖²``; larger values make short runs learn the tumour region sooner).
-    steps, batch_size, learning_rate
-        Optimisation.
-    val_fraction, val_crops, checkpoint_every, cache_cases, seed, device
-        As for the autoencoder.
+    steps, batch_size, learning_rate, val_fraction, val_crops, checkpoint_every, cache_cases, seed, device
+        See :class:`~d4m.training.autoencoder.TrainingRunConfig` (the validation figure is the loss).
     """
 
     stage = "ldm"
+    presets = LDM_PRESETS
 
     data: Path = Path("data")
     autoencoder: Path = Path("runs/autoencoder")
@@ -142,14 +141,7 @@ class LDMConfig(StageConfig):
     mask_dilation: int = 1
     mask_weight: float = 1.0
     steps: int = 60
-    batch_size: int = 2
-    learning_rate: float = 1e-3
-    val_fraction: float = 0.2
-    val_crops: int = 4
     checkpoint_every: int = 30
-    cache_cases: int = 8
-    seed: int = 0
-    device: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", LDMMode(self.mode))
@@ -165,23 +157,14 @@ class LDMConfig(StageConfig):
             raise ValueError(f"schedule: expected a MONAI noise schedule name, found '{self.schedule}'")
         if not 1 <= self.ddim_steps <= self.train_timesteps:
             raise ValueError(f"ddim_steps: expected 1..{self.train_timesteps}, found {self.ddim_steps}")
-        for name in ("res_blocks", "train_timesteps", "steps", "batch_size", "val_crops", "checkpoint_every",
-                     "cache_cases"):
+        for name in ("res_blocks", "train_timesteps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, found {getattr(self, name)}")
         if self.mask_weight <= 0:
             raise ValueError(f"mask_weight: expected > 0, found {self.mask_weight}")
-        if self.mask_dilation < 0 or self.learning_rate <= 0 or not 0 <= self.val_fraction < 1:
-            raise ValueError("mask_dilation >= 0, learning_rate > 0 and val_fraction in [0, 1) expected")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device: expected auto, cpu or cuda, found {self.device}")
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> LDMConfig:
-        """A config from a named preset (``tiny``, ``cpu``, ``paper``), with overrides."""
-        if name not in LDM_PRESETS:
-            raise InputError(f"ldm preset: expected one of {sorted(LDM_PRESETS)}, found '{name}'")
-        return cls(**{**LDM_PRESETS[name], "preset": name, **overrides})
+        if self.mask_dilation < 0:
+            raise ValueError(f"mask_dilation: expected >= 0, found {self.mask_dilation}")
+        super().__post_init__()
 
 
 class LatentDenoiser(nn.Module):

@@ -51,10 +51,11 @@ from scipy import ndimage
 from d4m.dicom_io.codes import Phase
 from d4m.dicom_io.errors import InputError
 from d4m.dicom_io.volume import read_image, write_image
-from d4m.runtime.artifacts import atomic_dir, read_json, write_json
+from d4m.runtime.artifacts import atomic_dir, write_json
 from d4m.training.config import StageConfig
 from d4m.training.datasets import Case, Dataset, copy_image, load_dataset
 from d4m.training.inpainting_masks import tumor_hole
+from d4m.training.prealignment import finished_case_report
 
 if TYPE_CHECKING:
     from d4m.training.inpainter import FFCResNetGenerator, InpainterConfig
@@ -331,24 +332,6 @@ def _check_output(config: NormalizeConfig) -> None:
         raise InputError(f"{saved}: expected the same configuration to resume, found other {changed} (use --overwrite)")
 
 
-def _reusable(case_dir: Path, fingerprint: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
-    path = case_dir / CASE_REPORT
-    if overwrite or not path.exists():
-        return None
-    report = read_json(path)
-    if not isinstance(report, dict) or report.get("schema_version") != REPORT_SCHEMA_VERSION:
-        return None
-    if report.get("config") != fingerprint:
-        logger.info("%s: made with other settings, inpainting again", path)
-        return None
-    files = report.get("files", {})
-    listed = [f for key in ("images", "normal", "truth") for f in files.get(key, {}).values()]
-    listed += [files[key] for key in ("label", "hole") if files.get(key)]
-    if not all((case_dir / f).exists() for f in listed):
-        return None
-    return report
-
-
 # --------------------------------------------------------------------------------------------
 # the stage
 # --------------------------------------------------------------------------------------------
@@ -444,7 +427,8 @@ def normalize_dataset(config: NormalizeConfig, progress: Progress | None = None)
     done = skipped = 0
     for case in source.cases:
         case_dir = out / "cases" / case.id
-        report = _reusable(case_dir, fingerprint, config.overwrite)
+        report = finished_case_report(case_dir, CASE_REPORT, REPORT_SCHEMA_VERSION, fingerprint, config.overwrite,
+                                      file_keys=("label", "hole"))
         if report is None:
             with atomic_dir(case_dir, overwrite=True) as tmp:
                 report = _normalize_case(case, tmp, filler, config)

@@ -149,7 +149,7 @@ def register_dataset(config: RegistrationConfig, progress: Callable[[int], None]
     done = skipped = 0
     for case in source.cases:
         case_dir = out / "cases" / case.id
-        report = _reusable_report(case_dir, fingerprint, config.overwrite)
+        report = finished_case_report(case_dir, CASE_REPORT, REPORT_SCHEMA_VERSION, fingerprint, config.overwrite)
         if report is None:
             with atomic_dir(case_dir, overwrite=True) as tmp:
                 report = _register_case(case, tmp, config)
@@ -390,24 +390,32 @@ def _differences(previous: RegistrationConfig, config: RegistrationConfig) -> li
     return keys
 
 
-def _reusable_report(case_dir: Path, fingerprint: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
-    """The case's report when it can be reused as it is, else ``None`` (register again)."""
-    path = case_dir / CASE_REPORT
+def finished_case_report(
+    case_dir: Path, report_name: str, schema_version: int, fingerprint: dict[str, Any], overwrite: bool,
+    file_keys: tuple[str, ...] = ("label",),
+) -> dict[str, Any] | None:
+    """The report of a case an earlier run finished, when it can be reused as it is, else ``None`` (redo it).
+
+    Reusable means: not ``overwrite``; ``case_dir/report_name`` exists with ``schema_version`` and
+    ``fingerprint`` (under ``"config"``); and every file it lists is there (the per-phase
+    ``images``, ``normal`` and ``truth`` maps, and the single files under ``file_keys``). The
+    registration stage and the normal-CT stage (:mod:`d4m.training.normal_ct`) resume with it.
+    """
+    path = case_dir / report_name
     if overwrite or not path.exists():
         return None
     report = read_json(path)
-    if not isinstance(report, dict) or report.get("schema_version") != REPORT_SCHEMA_VERSION:
-        logger.info("%s: another report version, registering again", path)
+    if not isinstance(report, dict) or report.get("schema_version") != schema_version:
+        logger.info("%s: another report version, redoing the case", path)
         return None
     if report.get("config") != fingerprint:
-        logger.info("%s: made with other settings, registering again", path)
+        logger.info("%s: made with other settings, redoing the case", path)
         return None
     files = report.get("files", {})
     listed = [f for key in ("images", "normal", "truth") for f in files.get(key, {}).values()]
-    if files.get("label"):
-        listed.append(files["label"])
+    listed += [files[key] for key in file_keys if files.get(key)]
     if not all((case_dir / f).exists() for f in listed):
-        logger.info("%s: files missing, registering again", path)
+        logger.info("%s: files missing, redoing the case", path)
         return None
     return report
 

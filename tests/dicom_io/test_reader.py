@@ -13,8 +13,9 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from pydicom.pixels import get_encoder
-from pydicom.uid import MPEG2MPML, RLELossless, generate_uid
+from pydicom.uid import MPEG2MPML, ImplicitVRLittleEndian, RLELossless, generate_uid
 
+from d4m.dicom_io import series as series_module
 from d4m.dicom_io.ct_writer import CTSeriesMeta, PixelEncoding, write_ct_series
 from d4m.dicom_io.errors import InputError
 from d4m.dicom_io.reader import read_series, read_series_datasets
@@ -327,3 +328,47 @@ def test_corrupt_files_give_input_errors_not_tracebacks(tmp_path: Path, make_vol
             read_series(files)
         except InputError as exc:
             assert not any(secret in str(exc) for secret in SECRETS)
+
+
+# --------------------------------------------------------------------------- parsed once
+
+
+def _to_implicit(files: list[Path]) -> None:
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize("syntax", ["explicit", "implicit", "rle"])
+def test_a_scanned_series_is_read_without_parsing_its_headers_again(
+    tmp_path: Path, volume: Volume, syntax: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoding = PixelEncoding.RLE if syntax == "rle" else PixelEncoding.EXPLICIT
+    files = write_ct_series(volume, tmp_path / "s", CTSeriesMeta(encoding=encoding))
+    if syntax == "implicit":
+        _to_implicit(files)
+    (series,) = scan_folder(tmp_path).series
+    assert [h.path for h in series.headers] == list(series.files) and all(h.pixel_offset for h in series.headers)
+    parsed: list[bool] = []
+    real = series_module._read_open
+    monkeypatch.setattr(series_module, "_read_open", lambda fp, stop: parsed.append(stop) or real(fp, stop))
+    read = read_series(series)
+    sources = read_series_datasets(series)
+    assert parsed == []  # headers from the scan, pixels from each file's pixel data element on
+    monkeypatch.undo()
+    _assert_same(read, volume)
+    whole = read_series(files)  # a list of files: every file parsed whole, as before
+    np.testing.assert_array_equal(read.array, whole.array)
+    assert [d.SOPInstanceUID for d in sources] == [d.SOPInstanceUID for d in read_series_datasets(files)]
+    assert "PixelData" not in sources[0]  # the SEG source datasets stay header-only
+
+
+def test_a_file_truncated_after_the_scan_is_named_without_a_traceback(tmp_path: Path, volume: Volume) -> None:
+    files = write_ct_series(volume, tmp_path / "s", CTSeriesMeta(patient_name="SECRETNAME^PHANTOM"))
+    (series,) = scan_folder(tmp_path).series
+    raw = files[3].read_bytes()
+    files[3].write_bytes(raw[: len(raw) - 1000])
+    with pytest.raises(InputError, match=files[3].name) as info:
+        read_series(series)
+    assert not any(secret in str(info.value) for secret in SECRETS)

@@ -207,6 +207,16 @@ def test_cuda_without_a_gpu_exits_4(study: Path, bundle: Path, tmp_path: Path) -
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
+def test_tensorrt_without_an_engine_in_the_bundle_exits_4_with_one_line(study: Path, bundle: Path,
+                                                                         tmp_path: Path) -> None:
+    result = _invoke("run", study, "--bundle", bundle, "--out", tmp_path / "out", "--device", "tensorrt")
+    assert result.exit_code == 4, result.output  # the engine is unavailable; the bundle itself is fine
+    errors = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "expected a TensorRT engine for 'segmenter'" in errors[0], result.output
+    assert "found none in the bundle" in errors[0]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
 # --------------------------------------------------------------------------- successful runs
 
 

@@ -366,8 +366,21 @@ def test_engine_failure_leaves_nothing(study: Path, bundle: Path, tmp_path: Path
     def failing(*args: object, **kwargs: object) -> None:
         raise EngineError("segmenter.onnx: expected a successful run, found a failure")
 
-    monkeypatch.setattr("d4m.runtime.infer.sliding_window_inference", failing)
+    monkeypatch.setattr("d4m.runtime.segmentation.sliding_window_inference", failing)
     with pytest.raises(EngineError):
+        run(_config(_copy(study, tmp_path / "study", (Phase.PVP,)), bundle, tmp_path / "out"))
+    assert _nothing_left(tmp_path / "out")
+
+
+def test_non_finite_scores_are_an_engine_failure(study: Path, bundle: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def nan_predictor(runner: object) -> object:
+        def predict(batch: np.ndarray) -> np.ndarray:
+            return np.full((batch.shape[0], 3, *batch.shape[2:]), np.nan, np.float32)
+        return predict
+
+    monkeypatch.setattr("d4m.runtime.infer.as_predictor", nan_predictor)
+    with pytest.raises(EngineError, match="expected finite scores, found NaN or infinity"):
         run(_config(_copy(study, tmp_path / "study", (Phase.PVP,)), bundle, tmp_path / "out"))
     assert _nothing_left(tmp_path / "out")
 

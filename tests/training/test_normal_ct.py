@@ -285,7 +285,7 @@ def test_cli_refusals_exit_with_code_2(data: Path, tmp_path: Path) -> None:
     code, output = _invoke("normalize", "--data", str(data), "--out", out, "--inpainter", "blur")
     assert code == 2 and "expected inpainter one of ['ffc', 'median', 'mean'], found 'blur'" in output
     code, output = _invoke("inpainter", "--data", str(data), "--out", run, "--preset", "huge")
-    assert code == 2 and "expected one of ['cpu', 'paper'], found 'huge'" in output
+    assert code == 2 and "expected one of ['cpu', 'paper', 'tiny'], found 'huge'" in output
     code, output = _invoke("inpainter", "--data", str(data), "--out", run, "--holdout", "zz")
     assert code == 2 and "unknown ['zz']" in output
     assert not (tmp_path / "o").exists()
