@@ -15,12 +15,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[train,dev]'
 	touch $@
 
-# Independent DICOM validators used by the tests (Debian: dicom3tools, dcm2niix).
+# Tools the tests use (Debian): independent DICOM validators (dicom3tools, dcm2niix) and a real PACS with a
+# DICOM sender (orthanc, dcmtk) for the listener tests; the tests start and stop their own Orthanc.
+TOOL_PACKAGES := dicom3tools dcm2niix orthanc dcmtk
 tools:
-	@if ! command -v dciodvfy >/dev/null || ! command -v dcm2niix >/dev/null; then \
+	@if ! command -v dciodvfy >/dev/null || ! command -v dcm2niix >/dev/null \
+	   || ! command -v Orthanc >/dev/null || ! command -v storescu >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools dcm2niix) >/dev/null; \
-	  else echo "dciodvfy/dcm2niix missing: tests that need them will be skipped (apt-get install dicom3tools dcm2niix)"; fi; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TOOL_PACKAGES)) >/dev/null; \
+	  else echo "some test tools are missing: tests that need them will be skipped (apt-get install $(TOOL_PACKAGES))"; fi; \
 	fi
 
 lint: $(STAMP)

@@ -158,3 +158,120 @@ def run(  # noqa: PLR0913 - one parameter per command-line option (Typer)
     code = run_command(action)
     if code:
         raise typer.Exit(code=code)
+
+
+@app.command()
+def serve(  # noqa: PLR0913 - one parameter per command-line option (Typer)
+    spool: Annotated[Path, typer.Option("--spool", help="Spool folder: received instances, study states, results.")],
+    bundle: Annotated[Path, typer.Option("--bundle", help="Model bundle: a folder or .zip written by d4m-export.")],
+    send_to: Annotated[
+        str | None, typer.Option("--send-to", metavar="AE@HOST:PORT", help="Send each SEG here by C-STORE.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Also (or instead) write each result to OUT/<study key>/.")
+    ] = None,
+    ae_title: Annotated[str, typer.Option("--ae-title", help="Our AE title.")] = "D4M",
+    port: Annotated[int, typer.Option("--port", help="DICOM port to listen on.")] = 11112,
+    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "0.0.0.0",  # noqa: S104
+    allow: Annotated[
+        list[str] | None,
+        typer.Option("--allow", metavar="AE", help="Calling AE title allowed to send; repeatable (default: any)."),
+    ] = None,
+    max_associations: Annotated[int, typer.Option("--max-associations", help="Associations at once.")] = 4,
+    quiet_time: Annotated[
+        float, typer.Option("--quiet-time", help="Seconds without a new instance before a study starts.")
+    ] = 30.0,
+    workers: Annotated[int, typer.Option("--workers", help="Studies segmented at once.")] = 1,
+    queue_size: Annotated[int, typer.Option("--queue-size", help="Studies waiting for a worker at most.")] = 8,
+    retries: Annotated[int, typer.Option("--retries", help="C-STORE attempts per SEG (back-off doubles).")] = 5,
+    retry_delay: Annotated[float, typer.Option("--retry-delay", help="Seconds before the first retry.")] = 2.0,
+    max_runs: Annotated[
+        int, typer.Option("--max-runs", help="Runs of a study interrupted by crashes before it is marked failed.")
+    ] = 3,
+    keep_hours: Annotated[
+        float, typer.Option("--keep-hours", help="Remove finished studies from the spool after this many hours "
+                                                 "(0: keep them).")
+    ] = 168.0,
+    device: Annotated[Device, typer.Option("--device", help="Where the network runs.")] = Device.AUTO,
+    seg_format: Annotated[
+        SegType, typer.Option("--seg-format", help="binary: every frame (viewers); labelmap: compact.")
+    ] = SegType.BINARY,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="ONNX Runtime threads (default: one per core).")
+    ] = None,
+) -> None:
+    """Listen for CT studies (DICOM C-STORE), segment each one, send the SEG back. Stops on SIGTERM/Ctrl-C."""
+    import signal
+
+    from d4m.runtime.delivery import Destination, RetryPolicy
+    from d4m.runtime.listener import ListenerConfig
+    from d4m.runtime.service import ServeConfig, Service
+    from d4m.runtime.service import serve as serve_spool
+
+    # pynetdicom's own INFO/DEBUG lines describe every PDU; ours say what matters without identifiers.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+    def on_start(service: Service) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: service.request_stop())
+        stderr.print(f"d4m-infer serve: listening as {service.config.listener.ae_title} on port "
+                     f"{service.listener.port}; spool {service.config.spool}", highlight=False)
+
+    def action() -> None:
+        listener = ListenerConfig(ae_title=ae_title, port=port, host=host, allowed=tuple(allow or ()),
+                                  max_associations=max_associations)
+        destination = None if send_to is None else Destination.parse(send_to, calling_ae=listener.ae_title)
+        config = ServeConfig(spool=spool, bundle=bundle, listener=listener, destination=destination, output=out,
+                             quiet_seconds=quiet_time, workers=workers, queue_size=queue_size,
+                             retry=RetryPolicy(attempts=retries, first_delay=retry_delay,
+                                               max_delay=max(60.0, retry_delay)),
+                             max_runs=max_runs, keep_hours=keep_hours, device=device, threads=threads,
+                             seg_format=seg_format)
+        serve_spool(config, on_start=on_start)
+
+    run_command(action)
+
+
+@app.command()
+def status(
+    spool: Annotated[Path, typer.Option("--spool", help="The spool folder of d4m-infer serve.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    health: Annotated[
+        bool, typer.Option("--health", help="Exit 0 when the listener's heartbeat is fresh, else 1 (Docker "
+                                            "HEALTHCHECK).")
+    ] = False,
+    max_age: Annotated[float, typer.Option("--max-age", help="With --health: oldest acceptable heartbeat, s.")] = 30.0,
+) -> None:
+    """Studies in the spool: received, queued, running, done (delivered or not), failed."""
+    from d4m.runtime.spool import Spool
+
+    store = Spool(spool)
+    if health:
+        ok, why = store.healthy(max_age)
+        (stdout if ok else stderr).print(f"{'healthy' if ok else 'unhealthy'}: {why}", highlight=False)
+        if not ok:
+            raise typer.Exit(code=1)
+        return
+
+    def action() -> None:
+        summary = store.status()
+        if as_json:
+            stdout.print_json(json.dumps(summary))
+            return
+        counts = ", ".join(f"{n} {s}" for s, n in summary["counts"].items())
+        age = summary["heartbeat_age_seconds"]
+        stdout.print(f"{counts}; {summary['delivered']} delivered; listener heartbeat "
+                     f"{'none' if age is None else f'{age:.0f} s ago'}", highlight=False)
+        table = Table()
+        table.add_column("study", no_wrap=True)
+        for column in ("state", "instances", "runs", "sent", "tumors", "seconds", "error"):
+            table.add_column(column)
+        for row in summary["studies"]:
+            error = (row.get("error") or "").splitlines()[0][:120] if row.get("error") else ""
+            table.add_row(row["study"], row["state"], str(row.get("instances", "")), str(row.get("runs", "")),
+                          ", ".join(row.get("sent") or []) or "-",
+                          "-" if row.get("tumor_count") is None else str(row["tumor_count"]),
+                          "-" if row.get("seconds") is None else f"{row['seconds']:.1f}", error)
+        stdout.print(table)
+
+    run_command(action)

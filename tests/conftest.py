@@ -18,7 +18,7 @@ def require_tool() -> Callable[[str], str]:
         if path is None:
             if os.environ.get("CI"):
                 pytest.fail(f"{name} is required in CI (.ci/run installs it) but is not on PATH")
-            pytest.skip(f"{name} is not installed (apt-get install dicom3tools dcm2niix)")
+            pytest.skip(f"{name} is not installed (make tools, or the apt packages in .ci/run)")
         return path
 
     return find
