@@ -87,7 +87,7 @@ def register(
 def inpainter(
     data: Annotated[Path, typer.Option(exists=True, help="Registered dataset folder (with dataset.json) to train on.")],
     out: Annotated[Path, typer.Option(help="Run folder: model.safetensors, config.json, metrics.csv, resume.pt.")],
-    preset: Annotated[str, typer.Option(help="cpu (trains here in minutes) or paper (near LaMa-Fourier).")] = "cpu",
+    preset: Annotated[str, typer.Option(help="tiny (demo), cpu (minutes here) or paper (near LaMa-Fourier).")] = "cpu",
     steps: Annotated[int | None, typer.Option(min=1, help="Optimisation steps (default: the preset's).")] = None,
     holdout: Annotated[str, typer.Option(help="Comma-separated case ids kept out of training.")] = "",
     init: Annotated[
@@ -191,14 +191,16 @@ def ldm(
 
 
 @app.command()
-def synthesize(
+def synthesize(  # noqa: PLR0913 - one parameter per command-line option (Typer)
     data: Annotated[Path, typer.Option(exists=True, help="Dataset with normal (tumor-free) images and liver labels.")],
     out: Annotated[Path, typer.Option(help="Output dataset of synthetic cases with exact labels.")],
     synthesizer: Annotated[str, typer.Option(help="ldm (autoencoder + diffusion) or rules (no learning).")] = "ldm",
     autoencoder_run: Annotated[Path | None, typer.Option("--autoencoder", help="Autoencoder run (ldm).")] = None,
     ldm_run: Annotated[Path | None, typer.Option("--ldm", help="Latent diffusion run (ldm).")] = None,
     copies: Annotated[int, typer.Option(min=1, help="Synthetic cases per input case.")] = 1,
+    ddim_steps: Annotated[int | None, typer.Option(min=1, help="DDIM sampling steps (default: the LDM run's).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Stage 3c: paint random tumors into normal CTs, the same mask in all four phases."""
@@ -207,7 +209,8 @@ def synthesize(
 
     def action() -> None:
         config = SynthesisConfig(data=data, out=out, synthesizer=synthesizer, autoencoder=autoencoder_run,
-                                 ldm=ldm_run, copies=copies, seed=seed, overwrite=overwrite)
+                                 ldm=ldm_run, copies=copies, ddim_steps=ddim_steps, seed=seed, device=device,
+                                 overwrite=overwrite)
         with progress_bar("synthetic cases", len(load_dataset(data)) * copies, _QUIET["quiet"]) as advance:
             dataset = synthesize_dataset(config, progress=advance)
         stderr.print(f"wrote {len(dataset)} synthetic cases to {out}/dataset.json")
@@ -266,5 +269,34 @@ def evaluate(
                                   device=device)
         run_evaluation(config)
         stderr.print(f"results: {out / 'results.md'}")
+
+    run_command(action)
+
+
+@app.command(name="all")
+def all_stages(
+    data: Annotated[Path, typer.Option(exists=True, help="Input dataset (dataset.json folder), not registered.")],
+    out: Annotated[Path, typer.Option(help="Run folder: one sub-folder per stage and pipeline.json.")],
+    preset: Annotated[str, typer.Option(help="tiny (demo, minutes on 2 cores), cpu or paper (GPU).")] = "tiny",
+    synthetic_ratio: Annotated[
+        float | None, typer.Option(help="Share of segmenter patches synthesized online (default: the preset's).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of every stage and of the train/val/test split.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    overwrite: Annotated[
+        bool, typer.Option(help="Redo stages whose configuration changed (and the later ones) instead of refusing.")
+    ] = False,
+) -> None:
+    """All stages: register → inpainter → normalize → autoencoder → ldm → segmenter → evaluate (resumable)."""
+    from d4m.training.pipeline import PipelineConfig, run_pipeline
+
+    def action() -> None:
+        config = PipelineConfig(data=data, out=out, preset=preset, synthetic_ratio=synthetic_ratio, seed=seed,
+                                device=device, overwrite=overwrite)
+        record = run_pipeline(config, progress=lambda name, total: progress_bar(name, total, _QUIET["quiet"]))
+        for stage in record["stages"]:
+            state = "skipped (done before)" if stage.get("skipped") else f"{stage['seconds']:.1f} s"
+            stderr.print(f"{stage['folder']:<16} {state}")
+        stderr.print(f"pipeline: {out / 'pipeline.json'}; results: {out / '07-evaluate' / 'results.md'}")
 
     run_command(action)

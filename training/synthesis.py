@@ -612,7 +612,7 @@ class SynthesisConfig(StageConfig):
     synthesizer: SynthesizerKind = SynthesizerKind.LDM
     autoencoder: Path | None = None
     ldm: Path | None = None
-    ddim_steps: int | None = 10
+    ddim_steps: int | None = None
     background: str = "normal"
     copies: int = 1
     phases: tuple[Phase, ...] = PHASE_ORDER
