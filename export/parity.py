@@ -310,8 +310,9 @@ def engines_for(bundle: Bundle, device: Device | str) -> list[EngineEntry]:
 
     Raises
     ------
-    BundleError
-        The bundle lists none of that kind.
+    EngineError
+        The bundle lists none of that kind: the engine cannot run (exit code 4; build it with
+        ``d4m-export tensorrt``).
     """
     device = Device(device)
     if device == Device.AUTO:
@@ -319,7 +320,7 @@ def engines_for(bundle: Bundle, device: Device | str) -> list[EngineEntry]:
     kind = EngineKind.TENSORRT if device == Device.TENSORRT else EngineKind.ONNX
     chosen = [e for e in bundle.manifest.engines if e.format == kind]
     if not chosen:
-        raise BundleError(f"{bundle.source}: expected a {kind.value} engine to verify on {device.value}, "
+        raise EngineError(f"{bundle.source}: expected a {kind.value} engine to verify on {device.value}, "
                           f"found {[e.file for e in bundle.manifest.engines]}")
     return chosen
 

@@ -74,9 +74,9 @@ def test_verify_missing_engine_file_exits_3(bundle_copy: Path) -> None:
     assert "segmenter.onnx: expected the file listed in manifest.json" in " ".join(result.output.split())
 
 
-def test_verify_without_an_engine_for_the_device(fp16_bundle: Path) -> None:
+def test_verify_without_an_engine_for_the_device_exits_4(fp16_bundle: Path) -> None:
     result = runner.invoke(app, ["verify", "--bundle", str(fp16_bundle), "--device", "tensorrt"], terminal_width=300)
-    assert result.exit_code == 3
+    assert result.exit_code == 4
     assert "expected a tensorrt engine to verify on tensorrt, found ['segmenter.onnx', 'segmenter.fp16.onnx']" in \
         " ".join(result.output.split())
 
