@@ -9,7 +9,6 @@ HEALTHCHECK command.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
@@ -21,7 +20,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -59,17 +57,6 @@ def parse_dockerfile(path: Path) -> list[Stage]:
         elif stages:
             stages[-1].instructions.append((instruction, argument))
     return stages
-
-
-def _load_kit() -> ModuleType:
-    if "infer_testkit" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("infer_testkit", ROOT / "tests" / "runtime" /
-                                                      "infer_testkit.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["infer_testkit"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["infer_testkit"]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +113,8 @@ def _run(command: str, mapping: dict[str, Path], cwd: Path, env: dict[str, str])
 @pytest.mark.slow
 def test_the_image_install_steps_give_a_working_torch_free_runtime(
         stages: dict[str, Stage], tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    kit = _load_kit()
+    import infer_testkit as kit  # noqa: PLC0415 - a heavy kit, needed by this slow test only
+
     cache = getattr(request.config, "cache", None)
     bundle = kit.cached_tiny_bundle(cache.mkdir("d4m-infer") if cache is not None else tmp_path / "bundle")
     python = shutil.which("python3") or sys.executable

@@ -6,30 +6,15 @@ Not a test module (no ``test_`` prefix): the test files load it by path, because
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from types import ModuleType
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SegmentationStorage, generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-
-
-def load_module(name: str) -> ModuleType:
-    """A sibling helper module (``infer_testkit``, ``serve_testkit``) imported by path, once."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class Receiver:
@@ -120,4 +105,4 @@ def wait_until(condition: Callable[[], bool], timeout: float, step: float = 0.1)
     return condition()
 
 
-__all__ = ["Receiver", "load_module", "send_files", "tiny_seg_like", "wait_until", "CTImageStorage"]
+__all__ = ["Receiver", "send_files", "tiny_seg_like", "wait_until", "CTImageStorage"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -11,8 +10,8 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
+import infer_testkit as kit
 import numpy as np
 import pydicom
 import pytest
@@ -27,20 +26,6 @@ from d4m.dicom_io.seg_writer import write_seg
 from d4m.runtime.cli import app
 from d4m.runtime.runners import onnx_cuda_available
 
-
-def _load_kit() -> ModuleType:
-    """tests/runtime/infer_testkit.py, imported by path (importlib mode puts no test folder on sys.path)."""
-    if "infer_testkit" in sys.modules:
-        return sys.modules["infer_testkit"]
-    spec = importlib.util.spec_from_file_location("infer_testkit", Path(__file__).with_name("infer_testkit.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["infer_testkit"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-kit = _load_kit()
 runner = CliRunner()
 SECRETS = (kit.PATIENT_NAME, kit.PATIENT_ID, kit.ACCESSION, "SECRET")
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+import serve_testkit as serve_kit
 
 from d4m.dicom_io.errors import InputError
 from d4m.runtime.delivery import (
@@ -24,19 +22,6 @@ from d4m.runtime.delivery import (
     send_with_retries,
 )
 
-
-def _load(name: str) -> ModuleType:
-    """A helper module beside this file, imported by path (importlib mode puts no test folder on sys.path)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-serve_kit = _load("serve_testkit")
 FAST = RetryPolicy(attempts=3, first_delay=0.05, max_delay=0.1)
 
 

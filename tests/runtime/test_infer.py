@@ -9,17 +9,15 @@ request, and that a failed run leaves nothing behind.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import random
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
+import infer_testkit as kit
 import numpy as np
 import pydicom
 import pytest
@@ -44,21 +42,6 @@ from d4m.runtime.infer import (
 )
 from d4m.runtime.phases import assign_phases
 from d4m.runtime.registration import RegistrationSettings, register_to_reference
-
-
-def _load_kit() -> ModuleType:
-    """tests/runtime/infer_testkit.py, imported by path (importlib mode puts no test folder on sys.path)."""
-    if "infer_testkit" in sys.modules:
-        return sys.modules["infer_testkit"]
-    spec = importlib.util.spec_from_file_location("infer_testkit", Path(__file__).with_name("infer_testkit.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["infer_testkit"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-kit = _load_kit()
 
 #: Registration settings that keep the tiny studies quick (rigid only, two levels).
 FAST = RegistrationSettings(affine=False, shrink_factors=(2, 1), smoothing_sigmas_mm=(4.0, 0.0), iterations=30,

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
+import infer_testkit as kit
 import pydicom
 import pytest
+import serve_testkit as serve_kit
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
@@ -24,21 +23,6 @@ from d4m.runtime.listener import (
     ListenerConfig,
 )
 from d4m.runtime.spool import Spool, study_key
-
-
-def _load(name: str) -> ModuleType:
-    """A helper module beside this file, imported by path (importlib mode puts no test folder on sys.path)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-serve_kit = _load("serve_testkit")
-kit = _load("infer_testkit")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ Skipped without Orthanc and dcmtk (``apt-get install orthanc dcmtk``), failed un
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -21,12 +20,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+import infer_testkit as kit
 import numpy as np
 import pydicom
 import pytest
+import serve_testkit as serve_kit
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
@@ -37,20 +37,6 @@ from d4m.dicom_io.seg_writer import write_seg
 from d4m.dicom_io.series import scan_folder
 from d4m.runtime.spool import Spool, study_key
 
-
-def _load(name: str) -> ModuleType:
-    """A helper module beside this file, imported by path (importlib mode puts no test folder on sys.path)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-serve_kit = _load("serve_testkit")
-kit = _load("infer_testkit")
 SECRETS = (kit.PATIENT_NAME, kit.PATIENT_ID, kit.ACCESSION, "SECRET")
 D4M_CLI = Path(sys.executable).with_name("d4m-infer")
 #: Generous: two cores shared with other work; a tiny study takes ~5 s when the machine is idle.

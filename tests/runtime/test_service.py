@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
+import infer_testkit as kit
 import pydicom
 import pytest
+import serve_testkit as serve_kit
 
 from d4m.dicom_io.codes import Phase
 from d4m.dicom_io.errors import InputError
@@ -23,20 +23,6 @@ from d4m.runtime.listener import ListenerConfig
 from d4m.runtime.service import ServeConfig, Service
 from d4m.runtime.spool import Spool, StudyRecord, StudyState, study_key
 
-
-def _load(name: str) -> ModuleType:
-    """A helper module beside this file, imported by path (importlib mode puts no test folder on sys.path)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-serve_kit = _load("serve_testkit")
-kit = _load("infer_testkit")
 SECRETS = (kit.PATIENT_NAME, kit.PATIENT_ID, kit.ACCESSION, "SECRET")
 FAST = RetryPolicy(attempts=2, first_delay=0.05, max_delay=0.1)
 
