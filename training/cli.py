@@ -258,6 +258,8 @@ def evaluate(
     data: Annotated[Path | None, typer.Option(help="Dataset (default: the one the model was trained on).")] = None,
     split: Annotated[str, typer.Option(help="train, val, test or all.")] = "test",
     every_subset: Annotated[bool, typer.Option(help="Also each missing-phase combination (duplication).")] = False,
+    phases: Annotated[list[str] | None, typer.Option(
+        "--phases", help="A phase set given to the model, e.g. PVP or ART+PVP (repeatable; default: all 4).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Evaluate a segmenter: tumor DSC, Jaccard, sensitivity, precision, liver DSC, lesion F1, HD95."""
@@ -265,8 +267,13 @@ def evaluate(
     from d4m.training.evaluation import evaluate as run_evaluation
 
     def action() -> None:
-        config = EvaluationConfig(model=model, out=out, data=data, split=split, every_subset=every_subset,
-                                  device=device)
+        phase_sets = tuple(tuple(p.strip().upper() for p in item.split("+")) for item in phases or ())
+        try:
+            config = EvaluationConfig(model=model, out=out, data=data, split=split, every_subset=every_subset,
+                                      phase_sets=phase_sets, device=device)
+        except ValueError as exc:
+            raise InputError(f"--phases: expected sets of NC, ART, PVP, DEL joined by '+', found {phases} ({exc})") \
+                from exc
         run_evaluation(config)
         stderr.print(f"results: {out / 'results.md'}")
 

@@ -70,3 +70,11 @@ def test_segmenter_with_a_bad_option_is_exit_code_2(tmp_path: Path) -> None:
     result = runner.invoke(app, ["segmenter", "--data", str(tmp_path / "c"), "--out", str(tmp_path / "run"),
                                  "--data-fraction", "7"])
     assert result.exit_code == 2
+
+
+def test_evaluate_with_an_unknown_phase_set_is_exit_code_2(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["evaluate", "--model", str(tmp_path), "--out", str(tmp_path / "eval"),
+                                 "--phases", "PVP+XYZ"], terminal_width=300)
+    assert result.exit_code == 2
+    assert "--phases: expected sets of NC, ART, PVP, DEL joined by '+'" in " ".join(result.output.split())
+    assert not (tmp_path / "eval").exists()
