@@ -19,6 +19,7 @@ folder holding ``dataset.json``.
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,7 +142,8 @@ def _names(paths: dict[Phase, Path]) -> list[str]:
 
 
 def _rel(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    """``path`` relative to the dataset folder (with ``..`` for files beside it, e.g. a view of another dataset)."""
+    return Path(os.path.relpath(path.absolute(), root.absolute())).as_posix()
 
 
 def _case_to_json(case: Case, root: Path) -> dict[str, Any]:

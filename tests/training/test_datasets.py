@@ -37,6 +37,22 @@ def test_round_trip_with_relative_paths(tmp_path: Path) -> None:
         case.image(Phase.NC)
 
 
+def test_a_view_beside_its_source_with_relative_paths_loads_from_anywhere(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `d4m-train all --out run` (a relative path) writes run/train-cases, a view of run/03-normalize
+    monkeypatch.chdir(tmp_path)
+    source = load_dataset(_dataset(Path("run") / "source").save())
+    view = Dataset(Path("run") / "view", source.cases)
+    view.save()
+    assert json.loads((tmp_path / "run/view/dataset.json").read_text())["cases"][0]["images"]["PVP"] == \
+        "../source/c0/PVP.nii.gz"
+    monkeypatch.chdir(tmp_path / "run")
+    assert load_dataset(Path("view")).case("c0").image(Phase.PVP).shape == (4, 5, 6)
+    moved = tmp_path / "moved"
+    (tmp_path / "run").rename(moved)
+    assert load_dataset(moved / "view").case("c0").label is not None
+
+
 def test_missing_file_and_bad_schema_are_named(tmp_path: Path) -> None:
     _dataset(tmp_path).save()
     (tmp_path / "c0" / "ART.nii.gz").unlink()
