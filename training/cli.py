@@ -304,6 +304,7 @@ def all_stages(
         for stage in record["stages"]:
             state = "skipped (done before)" if stage.get("skipped") else f"{stage['seconds']:.1f} s"
             stderr.print(f"{stage['folder']:<16} {state}")
-        stderr.print(f"pipeline: {out / 'pipeline.json'}; results: {out / '07-evaluate' / 'results.md'}")
+        stderr.print(f"pipeline: {out / 'pipeline.json'}; results: {out / '07-evaluate' / 'results.md'}",
+                     soft_wrap=True)
 
     run_command(action)
