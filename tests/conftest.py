@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -22,3 +22,17 @@ def require_tool() -> Callable[[str], str]:
         return path
 
     return find
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread: small 3-D convolutions are dominated by OpenMP overhead on a shared 2-core machine.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``; torch is imported only then.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -30,12 +30,6 @@ runner = CliRunner()
 SECRETS = (kit.PATIENT_NAME, kit.PATIENT_ID, kit.ACCESSION, "SECRET")
 
 
-@pytest.fixture(scope="module")
-def bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = getattr(request.config, "cache", None)
-    root = cache.mkdir("d4m-infer") if cache is not None else tmp_path_factory.mktemp("bundle")
-    return kit.cached_tiny_bundle(root)
-
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Path:

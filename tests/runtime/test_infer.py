@@ -49,12 +49,6 @@ FAST = RegistrationSettings(affine=False, shrink_factors=(2, 1), smoothing_sigma
 STAGES = ["bundle", "scan", "phases", "read", "register", "resample", "network", "postprocess", "write"]
 
 
-@pytest.fixture(scope="module")
-def bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = getattr(request.config, "cache", None)
-    root = cache.mkdir("d4m-infer") if cache is not None else tmp_path_factory.mktemp("bundle")
-    return kit.cached_tiny_bundle(root)
-
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -180,12 +180,6 @@ class Serve:
             return None
 
 
-@pytest.fixture(scope="module")
-def bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = getattr(request.config, "cache", None)
-    root = cache.mkdir("d4m-infer") if cache is not None else tmp_path_factory.mktemp("bundle")
-    return kit.cached_tiny_bundle(root)
-
 
 @pytest.fixture
 def pacs(require_tool: Callable[[str], str], tmp_path: Path) -> Iterator[tuple[Orthanc, int]]:

@@ -27,12 +27,6 @@ SECRETS = (kit.PATIENT_NAME, kit.PATIENT_ID, kit.ACCESSION, "SECRET")
 FAST = RetryPolicy(attempts=2, first_delay=0.05, max_delay=0.1)
 
 
-@pytest.fixture(scope="module")
-def bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = getattr(request.config, "cache", None)
-    root = cache.mkdir("d4m-infer") if cache is not None else tmp_path_factory.mktemp("bundle")
-    return kit.cached_tiny_bundle(root)
-
 
 @pytest.fixture
 def receiver() -> Iterator[object]:

@@ -14,13 +14,7 @@ monai_inferers = pytest.importorskip("monai.inferers")
 monai_data = pytest.importorskip("monai.data.utils")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny convolutions are dominated by OpenMP overhead on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _net() -> torch.nn.Module:

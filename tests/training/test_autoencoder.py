@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +31,7 @@ from d4m.training.datasets import Case, Dataset
 LIVER_HU = {"NC": 55.0, "ART": 75.0, "PVP": 115.0, "DEL": 95.0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small 3D convolutions run far faster on one thread on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_cases(root: Path, n: int = 3, shape: tuple[int, int, int] = (20, 32, 32), liver: bool = True) -> Path:

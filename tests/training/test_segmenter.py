@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +43,7 @@ LIVER_HU = {"NC": 55, "ART": 80, "PVP": 120, "DEL": 100}
 TUMOR_HU = {"NC": 40, "ART": 30, "PVP": 70, "DEL": 80}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny networks are dominated by OpenMP overhead on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_dataset(root: Path, cases: int = 5, shape: tuple[int, int, int] = (16, 32, 32), seed: int = 0) -> Dataset:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from scipy import ndimage
 
 from d4m.dicom_io.codes import PHASE_ORDER, Phase
@@ -33,12 +32,7 @@ LIVER_HU = {Phase.NC: 55.0, Phase.ART: 75.0, Phase.PVP: 115.0, Phase.DEL: 95.0}
 SMALL = TumorMaskConfig(size_classes=(SizeClass.TINY, SizeClass.SMALL), class_weights=(1.0, 1.0), count=(1, 2))
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def normal_case(shape: tuple[int, int, int] = (20, 40, 40),

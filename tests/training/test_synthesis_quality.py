@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -29,12 +28,7 @@ HCC = {Phase.NC: -10.0, Phase.ART: 40.0, Phase.PVP: -20.0, Phase.DEL: -30.0}
 SHAPE = (24, 48, 48)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def ball(centre: tuple[int, int, int], radius_mm: float, shape: tuple[int, int, int] = SHAPE) -> np.ndarray:
