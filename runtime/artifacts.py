@@ -14,12 +14,41 @@ from typing import Any
 from d4m.dicom_io.errors import InputError
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file in the same folder, then rename)."""
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (no-op where folders cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_bytes(path: Path, data: bytes, durable: bool = False) -> None:
+    """Write ``data`` atomically: a temporary sibling renamed over ``path`` (removed if the write fails).
+
+    ``durable`` also fsyncs the file before the rename and the folder after it, so the write
+    survives a power cut (the listener's spool acknowledges instances only after that).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def write_json(path: Path, data: Any, durable: bool = False) -> None:
+    """Write JSON atomically (see :func:`write_bytes`)."""
+    write_bytes(path, (json.dumps(data, indent=2) + "\n").encode(), durable)
 
 
 def read_json(path: Path) -> Any:

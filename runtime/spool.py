@@ -31,7 +31,6 @@ deleted.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from d4m.dicom_io.errors import InputError
+from d4m.runtime.artifacts import fsync_dir, write_bytes, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -79,32 +79,6 @@ def study_key(study_uid: str) -> str:
 def is_uid(value: str) -> bool:
     """Whether ``value`` is a well-formed DICOM UID (so also a safe file name)."""
     return 0 < len(value) <= 64 and _UID.match(value) is not None
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (no-op where folders cannot be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably: temporary sibling, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 @dataclass
@@ -275,7 +249,7 @@ class Spool:
         path = self.dicom_dir(key) / f"{sop_uid}.dcm"
         if path.is_file():
             return key, False
-        write_durable(path, data)
+        write_bytes(path, data, durable=True)
         return key, True
 
     def instance_count(self, key: str) -> int:
@@ -309,8 +283,7 @@ class Spool:
     def write(self, record: StudyRecord) -> None:
         """Persist a study state (atomically, durably)."""
         record.updated = time.time()
-        write_durable(self.study_dir(record.key) / STATE_FILE,
-                      (json.dumps(record.to_dict(), indent=2) + "\n").encode())
+        write_json(self.study_dir(record.key) / STATE_FILE, record.to_dict(), durable=True)
 
     def keys(self) -> list[str]:
         """Every study folder in the spool, oldest first."""
@@ -333,7 +306,7 @@ class Spool:
     def write_heartbeat(self, data: dict[str, Any]) -> None:
         """Write ``heartbeat.json`` (``time`` added)."""
         payload = {"schema_version": SCHEMA_VERSION, **data, "time": time.time()}
-        write_durable(self.root / HEARTBEAT_FILE, (json.dumps(payload) + "\n").encode())
+        write_json(self.root / HEARTBEAT_FILE, payload, durable=True)
 
     def read_heartbeat(self) -> dict[str, Any] | None:
         """The last heartbeat, ``None`` when there is none or it is unreadable."""
@@ -392,8 +365,6 @@ __all__ = [
     "Spool",
     "StudyRecord",
     "StudyState",
-    "fsync_dir",
     "is_uid",
     "study_key",
-    "write_durable",
 ]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from d4m.dicom_io.errors import InputError
+from d4m.runtime.artifacts import write_bytes
 from d4m.runtime.spool import (
     HEARTBEAT_FILE,
     Spool,
@@ -16,7 +17,6 @@ from d4m.runtime.spool import (
     StudyState,
     is_uid,
     study_key,
-    write_durable,
 )
 
 UID = "1.2.826.0.1.3680043.8.498.1234567890"
@@ -36,10 +36,10 @@ def test_is_uid_accepts_only_dicom_uids(value: str, ok: bool) -> None:
     assert is_uid(value) is ok
 
 
-def test_write_durable_replaces_and_leaves_no_partial_file(tmp_path: Path) -> None:
+def test_durable_write_replaces_and_leaves_no_partial_file(tmp_path: Path) -> None:
     target = tmp_path / "sub" / "x.bin"
-    write_durable(target, b"one")
-    write_durable(target, b"two")
+    write_bytes(target, b"one", durable=True)
+    write_bytes(target, b"two", durable=True)
     assert target.read_bytes() == b"two"
     assert [p.name for p in target.parent.iterdir()] == ["x.bin"]
 
