@@ -104,6 +104,8 @@ class PhantomConfig(StageConfig):
         Tumour diameter range (mm).
     tumor_kinds
         Tumour kinds that may occur (:class:`TumorKind` values).
+    noise_scale
+        Factor on every phase's CT noise SD (1 = the phantom's scanners; e.g. 1.6 for a noisier site).
     """
 
     stage: ClassVar[str] = "phantom"
@@ -117,6 +119,7 @@ class PhantomConfig(StageConfig):
     min_tumor_mm: float = 5.0
     max_tumor_mm: float = 60.0
     tumor_kinds: tuple[TumorKind, ...] = (TumorKind.HCC, TumorKind.METASTASIS, TumorKind.CYST)
+    noise_scale: float = 1.0
 
     def __post_init__(self) -> None:
         try:
@@ -138,6 +141,7 @@ class PhantomConfig(StageConfig):
                 (self.min_tumor_mm, self.max_tumor_mm),
             ),
             (len(self.tumor_kinds) > 0, "at least one tumour kind", self.tumor_kinds),
+            (0.0 < self.noise_scale <= 10.0, "noise_scale in (0, 10]", self.noise_scale),
         ]
         for ok, expected, found in checks:
             if not ok:
@@ -206,7 +210,7 @@ def generate_case(index: int, config: PhantomConfig, *, with_tissues: bool = Fal
     top = frame.dome_right + float(r_phase.uniform(15, 40))
     y0 = frame.body_y + float(r_phase.uniform(-8, 8))
     pvp = Grid((nz, n, n), (sx, sx, sz), (-(n - 1) / 2 * sx, y0 - (n - 1) / 2 * sx, top - (nz - 1) * sz))
-    setups = sample_phase_setups(r_phase, pvp, frame.liver_centre)
+    setups = sample_phase_setups(r_phase, pvp, frame.liver_centre, config.noise_scale)
     grid, offset = anatomy_grid(setups)
     anatomy = build_anatomy(frame, grid, r_anat)
     texture = texture_field(r_anat, grid)

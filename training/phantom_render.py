@@ -108,12 +108,12 @@ def _euler_matrix(angles_deg: tuple[float, float, float]) -> np.ndarray:
 
 
 def sample_phase_setups(
-    rng: np.random.Generator, pvp: Grid, centre: tuple[float, float, float]
+    rng: np.random.Generator, pvp: Grid, centre: tuple[float, float, float], noise_scale: float = 1.0
 ) -> dict[Phase, PhaseSetup]:
-    """Draw each phase's grid, misalignment (identity for PVP), noise and PSF."""
+    """Draw each phase's grid, misalignment (identity for PVP), noise (SD × ``noise_scale``) and PSF."""
     setups = {}
     for phase in (Phase.NC, Phase.ART, Phase.PVP, Phase.DEL):
-        noise = float(rng.uniform(*NOISE_SD[phase]))
+        noise = float(rng.uniform(*NOISE_SD[phase])) * noise_scale
         physics = dict(
             noise_sd=noise,
             noise_correlated=float(rng.uniform(0.45, 0.75)),

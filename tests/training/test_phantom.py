@@ -102,6 +102,19 @@ def test_different_seeds_differ(case: PhantomCase) -> None:
     assert case.identity.study_uid != other.identity.study_uid
 
 
+def test_noise_scale_changes_only_the_noise(case: PhantomCase) -> None:
+    noisy = generate_case(0, _config(tumor_free_fraction=0.0, noise_scale=2.0))
+    for phase in PHASE_ORDER:
+        assert noisy.truth[phase].array.tobytes() == case.truth[phase].array.tobytes()
+        sd = case.meta["phases"][phase.value]["noise_sd_hu"]
+        assert noisy.meta["phases"][phase.value]["noise_sd_hu"] == pytest.approx(2 * sd, abs=0.011)
+        body = case.tissues[phase].array > 0
+        extra = noisy.images[phase].array[body].astype(float) - case.images[phase].array[body]
+        assert 0.5 * sd < extra.std() < 1.5 * sd  # the added noise is the phase's noise once more
+    with pytest.raises(InputError, match="noise_scale"):
+        PhantomConfig(noise_scale=0.0)
+
+
 # -- HU per structure and phase ------------------------------------------------------------------
 
 
