@@ -242,27 +242,12 @@ def write_pvp_view(paths: Paths) -> None:
 #: The OOD cohort: the LiTS external-test analog. Another seed, 1.6× the CT noise, smaller and more numerous
 #: tumours (5-30 mm, up to 8), no cysts, no tumour-free case; the same ``small`` grid (a ``medium`` grid,
 #: 1.4 × 1.4 × 3 mm, costs ~7× the voxels to generate and register: too much for the shared CPU).
-OOD_SETTINGS: dict[str, Any] = {
-    "cases": 8, "seed": 1001, "size": "small", "tumor_free_fraction": 0.0, "max_tumors": 8,
-    "min_tumor_mm": 5.0, "max_tumor_mm": 30.0, "tumor_kinds": ("hcc", "metastasis"), "write_dicom": False,
-}
-OOD_NOISE_FACTOR = 1.6
-
-
-def write_ood_cohort(paths: Paths) -> None:
-    """Generate the OOD phantom cohort (Python API: the phantom CLI has no tumour or noise options)."""
-    from d4m.training import phantom_render
-    from d4m.training.phantom import PhantomConfig, write_cohort
-
-    saved = dict(phantom_render.NOISE_SD)
-    phantom_render.NOISE_SD.update({p: (lo * OOD_NOISE_FACTOR, hi * OOD_NOISE_FACTOR) for p, (lo, hi) in saved.items()})
-    try:
-        write_cohort(paths.ood_cohort, PhantomConfig(**OOD_SETTINGS))
-    finally:
-        phantom_render.NOISE_SD.update(saved)
-    (paths.ood_cohort / "ood_settings.json").write_text(json.dumps(
-        {**OOD_SETTINGS, "noise_factor": OOD_NOISE_FACTOR, "noise_sd_hu": {p.value: v for p, v in saved.items()}},
-        indent=2))
+#: The OOD cohort's phantom options (``d4m-train phantom``): another seed, 1.6× the CT noise, 1–8
+#: tumours of 5–30 mm, HCC and metastases only, no tumour-free study (the training cohort: up to 5
+#: tumours of 5–60 mm, cysts too, 15 % tumour-free).
+OOD_OPTIONS = ("--cases", "8", "--seed", "1001", "--size", "small", "--tumor-free-fraction", "0", "--max-tumors", "8",
+               "--min-tumor-mm", "5", "--max-tumor-mm", "30", "--tumor-kind", "hcc", "--tumor-kind", "metastasis",
+               "--noise-scale", "1.6", "--no-dicom")
 
 
 def evaluate_pvp_only(paths: Paths, name: str, kind: str) -> None:
@@ -284,8 +269,6 @@ def run_action(paths: Paths, name: str) -> None:
         write_synthesis_config(paths, name.removeprefix("synth-"))
     elif name == "pvp-view":
         write_pvp_view(paths)
-    elif name == "ood-cohort":
-        write_ood_cohort(paths)
     elif name.endswith(("/test", "/ood-pvp")):
         run, kind = name.rsplit("/", 1)
         evaluate_pvp_only(paths, run, kind)
@@ -373,10 +356,10 @@ def build_jobs(paths: Paths, plan: str, make_inputs: bool = False) -> list[Job]:
     ]
     ood_ready = _exists(paths.ood / "dataset.json")
     ood_jobs = [
-        Job("ood-cohort", False, me("ood-cohort"), _exists(paths.ood_cohort / "ood_settings.json"), lambda: True,
-            f"# python-api: write_cohort(OOD, PhantomConfig(**{OOD_SETTINGS})) with NOISE_SD x{OOD_NOISE_FACTOR}"),
+        Job("ood-cohort", False, paths.d4m("phantom", "--out", str(paths.ood_cohort), *OOD_OPTIONS),
+            _exists(paths.ood_cohort / "dataset.json"), lambda: True),
         Job("ood-register", False, paths.d4m("register", "--data", str(paths.ood_cohort), "--out", str(paths.ood)),
-            ood_ready, _exists(paths.ood_cohort / "ood_settings.json")),
+            ood_ready, _exists(paths.ood_cohort / "dataset.json")),
     ]
     synth_ready = {"rules": _exists(paths.synth / "rules.json"), "ldm": _exists(paths.synth / "ldm.json")}
     median_ready = _exists(_done_flag(paths.median))

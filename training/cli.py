@@ -34,20 +34,30 @@ def main(
 
 
 @app.command()
-def phantom(
+def phantom(  # noqa: PLR0913 - one parameter per command-line option (Typer)
     out: Annotated[Path, typer.Option(help="Output folder (must not exist unless --overwrite).")],
     cases: Annotated[int, typer.Option(min=1, help="Number of studies.")] = 4,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same cohort.")] = 0,
     size: Annotated[str, typer.Option(help="small (tests), medium (demo) or full (512×512 benchmarks).")] = "small",
     preview: Annotated[bool, typer.Option(help="Also write preview.png: one slice per phase with labels.")] = False,
     dicom: Annotated[bool, typer.Option(help="Write each study as DICOM too.")] = True,
+    min_tumor_mm: Annotated[float, typer.Option(help="Smallest tumour diameter (mm).")] = 5.0,
+    max_tumor_mm: Annotated[float, typer.Option(help="Largest tumour diameter (mm).")] = 60.0,
+    max_tumors: Annotated[int, typer.Option(help="At most this many tumours per study (1..20).")] = 5,
+    tumor_free_fraction: Annotated[float, typer.Option(help="Share of studies without a tumour.")] = 0.15,
+    tumor_kinds: Annotated[list[str] | None, typer.Option(
+        "--tumor-kind", help="Tumour kinds that may occur: hcc, metastasis, cyst (repeat; default all).")] = None,
+    noise_scale: Annotated[float, typer.Option(help="Factor on the CT noise SD (a noisier site: 1.6).")] = 1.0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Generate a synthetic multiphase liver-CT cohort (DICOM, NIfTI, labels, dataset.json)."""
     from d4m.training.phantom import PhantomConfig, generate_case, render_preview, write_cohort
 
     def action() -> None:
-        config = PhantomConfig(cases=cases, seed=seed, size=size, write_dicom=dicom)
+        kinds = {"tumor_kinds": tuple(tumor_kinds)} if tumor_kinds else {}
+        config = PhantomConfig(cases=cases, seed=seed, size=size, write_dicom=dicom, min_tumor_mm=min_tumor_mm,
+                               max_tumor_mm=max_tumor_mm, max_tumors=max_tumors,
+                               tumor_free_fraction=tumor_free_fraction, noise_scale=noise_scale, **kinds)
         if out.exists() and not overwrite:
             raise InputError(f"{out}: expected a new output folder, found an existing one (use --overwrite)")
         with progress_bar("phantom studies", cases, _QUIET["quiet"]) as advance:
@@ -225,8 +235,11 @@ def segmenter(  # noqa: PLR0913 - one parameter per command-line option (Typer)
     preset: Annotated[str, typer.Option(help="tiny (demo), cpu or paper (96³ patches, GPU).")] = "tiny",
     backbone: Annotated[str, typer.Option(help="dynunet, unet, attention-unet, segresnet or swinunetr.")] = "dynunet",
     steps: Annotated[int | None, typer.Option(help="Training steps (default: the preset's).")] = None,
-    synthetic_ratio: Annotated[float, typer.Option(help="Share of samples synthesized online.")] = 0.0,
-    synthesizer: Annotated[Path | None, typer.Option(help="Synthesis config.json (with --synthetic-ratio).")] = None,
+    synthetic_ratio: Annotated[float, typer.Option(help="Share of synthetic samples (online or offline).")] = 0.0,
+    synthesizer: Annotated[Path | None, typer.Option(
+        help="Online: a synthesis config.json or d4m-train synthesize folder (with --synthetic-ratio).")] = None,
+    synthetic_data: Annotated[Path | None, typer.Option(
+        exists=True, help="Offline: a dataset written by d4m-train synthesize (with --synthetic-ratio).")] = None,
     data_fraction: Annotated[float, typer.Option(help="Share of the real training cases used.")] = 1.0,
     phase_dropout: Annotated[float, typer.Option(help="Probability of dropping phases (then duplicated).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -238,7 +251,8 @@ def segmenter(  # noqa: PLR0913 - one parameter per command-line option (Typer)
 
     def action() -> None:
         changes = {"data": data, "out": out, "backbone": backbone, "synthetic_ratio": synthetic_ratio,
-                   "synthesizer": synthesizer, "data_fraction": data_fraction, "phase_dropout": phase_dropout,
+                   "synthesizer": synthesizer, "synthetic_data": synthetic_data, "data_fraction": data_fraction,
+                   "phase_dropout": phase_dropout,
                    "seed": seed, "device": device, **({"steps": steps} if steps else {})}
         try:
             config = segmenter_preset(preset, **changes)
@@ -304,7 +318,7 @@ def all_stages(
         for stage in record["stages"]:
             state = "skipped (done before)" if stage.get("skipped") else f"{stage['seconds']:.1f} s"
             stderr.print(f"{stage['folder']:<16} {state}")
-        stderr.print(f"pipeline: {out / 'pipeline.json'}; results: {out / '07-evaluate' / 'results.md'}",
+        stderr.print(f"pipeline: {out / 'pipeline.json'}; results: {out / '08-evaluate' / 'results.md'}",
                      soft_wrap=True)
 
     run_command(action)

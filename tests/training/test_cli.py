@@ -26,6 +26,22 @@ def test_phantom_writes_a_loadable_cohort_and_refuses_to_overwrite(tmp_path: Pat
     assert "existing one" in again.output
 
 
+def test_phantom_options_reach_the_cohort_config(tmp_path: Path) -> None:
+    out = tmp_path / "cohort"
+    result = runner.invoke(app, ["-q", "phantom", "--out", str(out), "--cases", "1", "--no-dicom", "--min-tumor-mm",
+                                 "12", "--max-tumor-mm", "20", "--max-tumors", "2", "--tumor-free-fraction", "0",
+                                 "--tumor-kind", "hcc", "--noise-scale", "1.5"])
+    assert result.exit_code == 0, result.output
+    dataset = load_dataset(out)
+    config = dataset.source["config"]
+    assert (config["min_tumor_mm"], config["max_tumor_mm"], config["max_tumors"]) == (12.0, 20.0, 2)
+    assert (config["tumor_kinds"], config["noise_scale"]) == (["hcc"], 1.5)
+    tumors = dataset.cases[0].meta["tumors"]
+    assert 1 <= len(tumors) <= 2 and all(t["type"] == "hcc" and 12 <= t["diameter_mm"] <= 20 for t in tumors)
+    refused = runner.invoke(app, ["-q", "phantom", "--out", str(tmp_path / "x"), "--tumor-kind", "polyp"])
+    assert refused.exit_code == 2 and "tumour kinds" in refused.output
+
+
 def test_register_runs_on_a_phantom_cohort(tmp_path: Path) -> None:
     made = runner.invoke(app, ["-q", "phantom", "--out", str(tmp_path / "c"), "--cases", "1", "--no-dicom"])
     assert made.exit_code == 0
