@@ -429,14 +429,18 @@ def _engine(source: str, where: str, data: Any) -> EngineEntry:
 
 
 def _postprocessing(source: str, data: Any) -> PostprocessSettings:
-    item = _keys(source, "postprocessing", data, (), ("largest_liver", "fill_holes", "min_tumor_voxels"))
+    kinds = {"largest_liver": (bool, "true/false"), "fill_holes": (bool, "true/false"),
+             "min_tumor_voxels": (int, "an integer"), "min_liver_contact": ((int, float), "a number in [0, 1]")}
+    item = _keys(source, "postprocessing", data, (), tuple(kinds))
     for key, value in item.items():
-        kind_ok = isinstance(value, bool) if key != "min_tumor_voxels" else (
-            isinstance(value, int) and not isinstance(value, bool))
-        if not kind_ok:
-            raise BundleError(f"{source}: expected postprocessing.{key} as "
-                              f"{'an integer' if key == 'min_tumor_voxels' else 'true/false'}, found {value!r}")
-    return PostprocessSettings(**item)
+        kind, words = kinds[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise BundleError(f"{source}: expected postprocessing.{key} as {words}, found {value!r}")
+    item.setdefault("min_liver_contact", 0.0)  # a bundle written before the rule keeps its behaviour
+    try:
+        return PostprocessSettings(**item)
+    except InputError as exc:
+        raise BundleError(f"{source}: {exc}") from exc
 
 
 def _concept(source: str, where: str, data: Any) -> CodedConcept:

@@ -8,6 +8,10 @@ Post-processing (the paper keeps only tumours inside the liver, Sec. IV-B), in t
    only if it touches (overlaps the region of) the kept liver.
 3. Holes of the kept region (enclosed background, 3D) are filled with liver.
 4. Tumour components smaller than ``min_tumor_voxels`` become liver.
+5. Tumour components whose outer border (the voxels 26-adjacent to them) is less than
+   ``min_liver_contact`` liver become background: a "tumour" that merely touches the liver, e.g.
+   one painted in the kidney or the spine and joined to the liver by a few voxels, is not a liver
+   tumour. An intrahepatic tumour's border is all liver, an exophytic one's typically a third or more.
 
 numpy + scipy.ndimage only.
 """
@@ -45,27 +49,33 @@ class PostprocessSettings:
         Fill background enclosed by the kept liver region with liver.
     min_tumor_voxels
         Tumour components with fewer voxels are relabelled liver (0 keeps all).
+    min_liver_contact
+        Tumour components whose border is less than this fraction liver become background
+        (0 keeps all; the default 0.25 asks for a quarter of the border).
     """
 
     largest_liver: bool = True
     fill_holes: bool = True
     min_tumor_voxels: int = 0
+    min_liver_contact: float = 0.25
 
     def __post_init__(self) -> None:
         if self.min_tumor_voxels < 0:
             raise InputError(f"postprocess: expected min_tumor_voxels >= 0, found {self.min_tumor_voxels}")
+        if not 0.0 <= self.min_liver_contact <= 1.0:
+            raise InputError(f"postprocess: expected min_liver_contact in [0, 1], found {self.min_liver_contact}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {"largest_liver": self.largest_liver, "fill_holes": self.fill_holes,
-                "min_tumor_voxels": self.min_tumor_voxels}
+                "min_tumor_voxels": self.min_tumor_voxels, "min_liver_contact": self.min_liver_contact}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PostprocessSettings:
         """Read the form written by :meth:`to_dict` (unknown keys refused)."""
-        unknown = sorted(set(data) - {"largest_liver", "fill_holes", "min_tumor_voxels"})
+        unknown = sorted(set(data) - set(cls().to_dict()))
         if unknown:
-            raise InputError(f"postprocess: expected largest_liver, fill_holes, min_tumor_voxels, found {unknown}")
+            raise InputError(f"postprocess: expected keys among {sorted(cls().to_dict())}, found {unknown}")
         return cls(**data)
 
 
@@ -122,7 +132,24 @@ def clean_labels(labels: np.ndarray, settings: PostprocessSettings | None = None
             small = sizes < settings.min_tumor_voxels
             small[0] = False
             out[small[components]] = LIVER.value
+    if settings.min_liver_contact:
+        out[_detached_tumors(out, settings.min_liver_contact)] = 0
     return out
+
+
+def _detached_tumors(labels: np.ndarray, min_contact: float) -> np.ndarray:
+    """The tumour components of ``labels`` whose 26-neighbour border is less than ``min_contact`` liver."""
+    components, count = ndimage.label(labels == TUMOR.value, structure=CONNECTIVITY)
+    detached = np.zeros(count + 1, dtype=bool)
+    for index, box in enumerate(ndimage.find_objects(components), start=1):
+        if box is None:
+            continue
+        grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+        inside = components[grown] == index
+        border = ndimage.binary_dilation(inside, structure=CONNECTIVITY) & ~inside
+        liver = np.count_nonzero(labels[grown][border] == LIVER.value)
+        detached[index] = liver < min_contact * np.count_nonzero(border)
+    return detached[components]
 
 
 def postprocess(scores: np.ndarray, settings: PostprocessSettings | None = None) -> np.ndarray:

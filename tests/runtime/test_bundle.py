@@ -159,12 +159,19 @@ def test_wrong_schema_version(bundle_dir: Path) -> None:
     (lambda d: d["engines"][1].pop("gpu_name"), r"expected \['gpu_name'\] for a TensorRT engine"),
     (lambda d: d.update(phases=["NC", "NC"]), r"expected distinct phases"),
     (lambda d: d["postprocessing"].update(min_tumor_voxels="10"), r"postprocessing.min_tumor_voxels as an integer"),
+    (lambda d: d["postprocessing"].update(min_liver_contact=2), r"expected min_liver_contact in \[0, 1\], found 2"),
 ])  # fmt: skip
 def test_invalid_manifests_are_refused(bundle_dir: Path, change, message: str) -> None:  # noqa: ANN001
     _edit_manifest(bundle_dir, change)
     with pytest.raises(BundleError, match=message) as info:
         load_bundle(bundle_dir, probe_gpu=False)
     assert "manifest.json" in str(info.value)
+
+
+def test_a_manifest_without_the_liver_contact_rule_keeps_its_behaviour(bundle_dir: Path) -> None:
+    _edit_manifest(bundle_dir, lambda d: d["postprocessing"].pop("min_liver_contact"))
+    with load_bundle(bundle_dir, probe_gpu=False) as bundle:
+        assert bundle.manifest.postprocessing.min_liver_contact == 0.0
 
 
 def test_segmenter_shape_must_fit_phases_and_labels() -> None:

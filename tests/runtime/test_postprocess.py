@@ -41,7 +41,7 @@ def test_keeps_largest_liver_and_tumours_inside_it() -> None:
 
 def test_settings_switch_steps_off_and_drop_small_tumours() -> None:
     labels = _scene()
-    untouched = clean_labels(labels, PostprocessSettings(largest_liver=False, fill_holes=False))
+    untouched = clean_labels(labels, PostprocessSettings(largest_liver=False, fill_holes=False, min_liver_contact=0))
     np.testing.assert_array_equal(untouched, labels)
     small = clean_labels(labels, PostprocessSettings(min_tumor_voxels=65))
     assert small[8, 12, 12] == 1, "the 64-voxel tumour becomes liver"
@@ -50,6 +50,25 @@ def test_settings_switch_steps_off_and_drop_small_tumours() -> None:
     assert PostprocessSettings.from_dict(settings.to_dict()) == settings
     with pytest.raises(InputError, match="min_tumor_voxels"):
         PostprocessSettings(min_tumor_voxels=-1)
+
+
+def test_tumours_hanging_off_the_liver_are_dropped() -> None:
+    labels = np.zeros((20, 40, 40), np.uint8)
+    labels[2:18, 5:25, 5:25] = 1          # liver
+    labels[6:10, 10:14, 10:14] = 2        # intrahepatic tumour: its whole border is liver
+    labels[8:12, 22:28, 12:16] = 2        # exophytic tumour: half inside the liver
+    labels[10, 25:31, 20] = 2             # a one-voxel bridge from the liver edge ...
+    labels[8:13, 31:37, 17:23] = 2        # ... to a blob outside it (kidney, spine): 2 % liver border
+    out = clean_labels(labels)
+    assert out[8, 12, 12] == 2 and out[10, 24, 14] == 2 and out[10, 26, 14] == 2
+    assert not (out[8:13, 31:37, 17:23] == 2).any() and out[10, 28, 20] == 0
+    assert out[10, 20, 20] == 1, "the liver is untouched"
+    kept = clean_labels(labels, PostprocessSettings(min_liver_contact=0.0))
+    assert (kept[8:13, 31:37, 17:23] == 2).all()
+    strict = clean_labels(labels, PostprocessSettings(min_liver_contact=0.9))
+    assert strict[8, 12, 12] == 2 and strict[10, 26, 14] == 0, "only the intrahepatic tumour is all liver"
+    with pytest.raises(InputError, match="min_liver_contact"):
+        PostprocessSettings(min_liver_contact=1.5)
 
 
 def test_empty_and_all_background_maps() -> None:
