@@ -17,7 +17,9 @@ Empty-mask conventions (``P`` prediction, ``T`` truth):
   when it overlaps some true lesion. Recall = detected / true lesions (NaN without true
   lesions), precision = true-positive / predicted components (NaN without predictions), F1 their
   harmonic mean; F1 is 1 when there are neither true nor predicted lesions, 0 when only one
-  side has lesions.
+  side has lesions. ``lesion_recall_10mm`` is the recall over the true lesions whose
+  equal-volume sphere is at least 10 mm across (RECIST 1.1's measurable lesion on CT; NaN
+  without one).
 
 Means over cases skip NaN. ``tumor_dice_global`` pools voxels over all cases (LiTS "Dice
 global").
@@ -57,7 +59,11 @@ RESULTS_SCHEMA_VERSION = 1
 METRIC_NAMES = (
     "tumor_dice", "tumor_jaccard", "tumor_sensitivity", "tumor_precision", "tumor_hd95_mm",
     "liver_dice", "lesion_recall", "lesion_precision", "lesion_f1", "true_lesions", "predicted_lesions",
+    "lesion_recall_10mm",
 )
+
+#: Smallest measurable lesion (mm, equal-volume sphere diameter): RECIST 1.1 on CT.
+MEASURABLE_MM = 10.0
 
 _FACE = ndimage.generate_binary_structure(3, 1)
 
@@ -139,10 +145,17 @@ class LesionDetection:
     predicted_lesions: int
     detected: int
     true_positive_predictions: int
+    measurable_lesions: int = 0
+    measurable_detected: int = 0
 
     @property
     def recall(self) -> float:
         return math.nan if self.true_lesions == 0 else self.detected / self.true_lesions
+
+    @property
+    def measurable_recall(self) -> float:
+        """Recall over the true lesions of at least :data:`MEASURABLE_MM` (NaN without one)."""
+        return math.nan if self.measurable_lesions == 0 else self.measurable_detected / self.measurable_lesions
 
     @property
     def precision(self) -> float:
@@ -158,14 +171,19 @@ class LesionDetection:
         return 0.0 if p + r == 0 else 2 * p * r / (p + r)
 
 
-def lesion_detection(pred: np.ndarray, truth: np.ndarray) -> LesionDetection:
-    """Match 26-connected components of two tumour masks by overlap (≥ 1 voxel)."""
+def lesion_detection(pred: np.ndarray, truth: np.ndarray,
+                     spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> LesionDetection:
+    """Match 26-connected components of two tumour masks by overlap (≥ 1 voxel); ``spacing`` (mm) sizes them."""
     pred_cc, n_pred = ndimage.label(pred.astype(bool), structure=CONNECTIVITY)
     truth_cc, n_truth = ndimage.label(truth.astype(bool), structure=CONNECTIVITY)
     both = (pred_cc > 0) & (truth_cc > 0)
-    detected = len(np.unique(truth_cc[both]))
+    found = np.unique(truth_cc[both])
     true_positive = len(np.unique(pred_cc[both]))
-    return LesionDetection(int(n_truth), int(n_pred), detected, true_positive)
+    voxel_mm3 = float(np.prod(spacing))
+    diameters = np.cbrt(6.0 / math.pi * voxel_mm3 * np.bincount(truth_cc.ravel(), minlength=n_truth + 1)[1:])
+    measurable = np.flatnonzero(diameters >= MEASURABLE_MM) + 1
+    return LesionDetection(int(n_truth), int(n_pred), len(found), true_positive, len(measurable),
+                           int(np.isin(measurable, found).sum()))
 
 
 def case_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
@@ -173,7 +191,7 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) 
     if pred.shape != truth.shape:
         raise InputError(f"metrics: expected label maps of one shape, found {pred.shape} and {truth.shape}")
     tumor_p, tumor_t = pred == TUMOR.value, truth == TUMOR.value
-    lesions = lesion_detection(tumor_p, tumor_t)
+    lesions = lesion_detection(tumor_p, tumor_t, spacing)
     return {
         "tumor_dice": dice(tumor_p, tumor_t),
         "tumor_jaccard": jaccard(tumor_p, tumor_t),
@@ -186,6 +204,7 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) 
         "lesion_f1": lesions.f1,
         "true_lesions": float(lesions.true_lesions),
         "predicted_lesions": float(lesions.predicted_lesions),
+        "lesion_recall_10mm": lesions.measurable_recall,
     }
 
 
@@ -349,7 +368,8 @@ def _fmt(value: Any) -> str:
 def results_markdown(summary: Mapping[str, Mapping[str, float]], title: str) -> str:
     """A Markdown table: one row per phase set, one column per metric (means over cases)."""
     columns = ["tumor_dice", "tumor_jaccard", "tumor_sensitivity", "tumor_precision", "tumor_hd95_mm",
-               "liver_dice", "lesion_recall", "lesion_precision", "lesion_f1", "tumor_dice_global", "cases"]
+               "liver_dice", "lesion_recall", "lesion_recall_10mm", "lesion_precision", "lesion_f1",
+               "tumor_dice_global", "cases"]
     lines = [f"# {title}", "", "| phases | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, values in summary.items():
         cells = [_fmt(int(values["cases"])) if c == "cases" else _fmt(values.get(c, math.nan)) for c in columns]

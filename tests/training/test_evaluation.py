@@ -93,6 +93,12 @@ def test_lesion_detection_by_overlap() -> None:
     assert none.f1 == 1.0 and math.isnan(none.recall) and math.isnan(none.precision)
     only_fp = lesion_detection(pred, np.zeros_like(truth))
     assert only_fp.f1 == 0.0 and only_fp.precision == 0.0 and math.isnan(only_fp.recall)
+    assert math.isnan(found.measurable_recall), "8 voxels of 1 mm³: 2.5 mm, no measurable lesion"
+    sized = lesion_detection(pred, truth, (4.0, 4.0, 5.0))  # 8 × 80 mm³: 10.7 mm each
+    assert (sized.measurable_lesions, sized.measurable_detected) == (3, 2)
+    truth[2:4, 2:4, 12] = True       # B grows to 12 voxels
+    smaller = lesion_detection(pred, truth, (3.5, 3.5, 5.0))  # 61.25 mm³ voxels: A, C 9.8 mm, B 11.2 mm
+    assert (smaller.measurable_lesions, smaller.measurable_detected) == (1, 0)
 
 
 def test_case_metrics_on_label_maps() -> None:
