@@ -1,4 +1,4 @@
-"""``d4m-train all``: the seven training stages in a row, resumable stage by stage.
+"""``d4m-train all``: the eight training stages in a row, resumable stage by stage.
 
 One run folder holds every stage::
 
@@ -10,9 +10,10 @@ One run folder holds every stage::
     RUN/train-cases/           dataset view: the segmenter's training cases of 03-normalize
     RUN/04-autoencoder/        autoencoder run (training cases only)
     RUN/05-ldm/                latent diffusion run (training cases only)
-    RUN/synthesis.json         the online synthesizer used by the segmenter (autoencoder + LDM)
-    RUN/06-segmenter/          segmenter run: real + synthetic patches (the preset's ratio)
-    RUN/07-evaluate/           results.md / .csv / .json on the test split
+    RUN/06-synthesize/         offline synthetic dataset: tumours painted by the autoencoder + LDM
+                               into the training cases' normal CTs (the preset's copies per case)
+    RUN/07-segmenter/          segmenter run: real + synthetic patches (the preset's ratio)
+    RUN/08-evaluate/           results.md / .csv / .json on the test split
 
 Each stage gets a *key*: the SHA-256 of its config (without ``device``, ``overwrite``) and of
 the keys of the stages before it. ``pipeline.json`` records the key and status of each stage
@@ -27,8 +28,10 @@ the keys of the stages before it. ``pipeline.json`` records the key and status o
 
 The splits: the segmenter's train / validation / test split (its preset's fractions, ``seed``)
 is computed once from the input dataset; the inpainter holds out the validation and test cases,
-the autoencoder and the LDM see only the training cases, so the evaluation's test cases were
-seen by no stage.
+the autoencoder, the LDM and the synthesis see only the training cases, so the evaluation's test
+cases were seen by no stage. Synthesis is offline (once, before the segmenter): on a CPU, latent
+diffusion inside the training loop would take about half of each step (docs/results.md); the
+online route stays available as ``d4m-train segmenter --synthesizer``.
 """
 
 from __future__ import annotations
@@ -158,10 +161,9 @@ class Stage:
 
 
 def stage_folders(out: Path, stages: Sequence[Stage]) -> dict[str, Path]:
-    """``RUN/<nn>-<name>`` for each stage, plus ``train-cases`` and ``synthesis`` helper paths."""
+    """``RUN/<nn>-<name>`` for each stage, plus the ``train-cases`` view."""
     folders = {stage.name: out / f"{number:02d}-{stage.name}" for number, stage in enumerate(stages, start=1)}
     folders["train-cases"] = out / "train-cases"
-    folders["synthesis"] = out / "synthesis.json"
     return folders
 
 
@@ -428,7 +430,7 @@ def write_train_view(config: PipelineConfig, folders: dict[str, Path]) -> Path:
     return view.save()
 
 
-def _prepare_autoencoder(config: PipelineConfig, folders: dict[str, Path]) -> None:
+def _prepare_train_view(config: PipelineConfig, folders: dict[str, Path]) -> None:
     write_train_view(config, folders)
 
 
@@ -458,19 +460,23 @@ def _run_ldm(config: Any, progress: Callable[[int], None] | None) -> object:
     return train_ldm(config, progress=progress)
 
 
-def synthesis_config(config: PipelineConfig, folders: dict[str, Path]) -> StageConfig:
-    """The online synthesizer of the segmenter stage: the trained autoencoder + LDM."""
+def _build_synthesize(config: PipelineConfig, folders: dict[str, Path]) -> StageConfig:
     from d4m.training.synthesis import SynthesisConfig
 
-    return SynthesisConfig.from_preset(config.presets["synthesis"], data=folders["normalize"],
-                                       out=config.out / "synthetic", synthesizer="ldm",
+    return SynthesisConfig.from_preset(config.presets["synthesis"], data=folders["train-cases"],
+                                       out=folders["synthesize"], synthesizer="ldm",
                                        autoencoder=folders["autoencoder"], ldm=folders["ldm"], seed=config.seed,
                                        device=config.device)
 
 
-def _prepare_segmenter(config: PipelineConfig, folders: dict[str, Path]) -> None:
-    if config.presets["synthetic_ratio"] > 0:
-        synthesis_config(config, folders).save(folders["synthesis"])
+def _run_synthesize(config: Any, progress: Callable[[int], None] | None) -> object:
+    from d4m.training.synthesis import synthesize_dataset
+
+    return synthesize_dataset(config, progress=progress)
+
+
+def _synthetic_cases(config: Any) -> int:
+    return _cases(config) * int(config.copies)
 
 
 def _build_segmenter(config: PipelineConfig, folders: dict[str, Path]) -> StageConfig:
@@ -478,7 +484,7 @@ def _build_segmenter(config: PipelineConfig, folders: dict[str, Path]) -> StageC
 
     ratio = float(config.presets["synthetic_ratio"])
     return segmenter_preset(config.presets["segmenter"], data=folders["normalize"], out=folders["segmenter"],
-                            synthetic_ratio=ratio, synthesizer=folders["synthesis"] if ratio > 0 else None,
+                            synthetic_ratio=ratio, synthetic_data=folders["synthesize"] if ratio > 0 else None,
                             seed=config.seed, device=config.device)
 
 
@@ -510,15 +516,16 @@ def _evaluate_total(config: Any) -> int:
 
 
 def default_stages() -> list[Stage]:
-    """register → inpainter → normalize → autoencoder → ldm → segmenter → evaluate."""
+    """register → inpainter → normalize → autoencoder → ldm → synthesize → segmenter → evaluate."""
     return [
         Stage("register", "dataset.json", _build_register, _run_register, _cases),
         Stage("inpainter", "model.safetensors", _build_inpainter, _run_inpainter, _steps, resume_file="resume.pt"),
         Stage("normalize", "dataset.json", _build_normalize, _run_normalize, _cases),
         Stage("autoencoder", "model.safetensors", _build_autoencoder, _run_autoencoder, _steps,
-              prepare=_prepare_autoencoder, resume_file="resume.pt"),
+              prepare=_prepare_train_view, resume_file="resume.pt"),
         Stage("ldm", "model.safetensors", _build_ldm, _run_ldm, _steps, resume_file="resume.pt"),
-        Stage("segmenter", "model.safetensors", _build_segmenter, _run_segmenter, _steps, prepare=_prepare_segmenter,
-              resume_file="resume.pt"),
+        Stage("synthesize", "dataset.json", _build_synthesize, _run_synthesize, _synthetic_cases,
+              prepare=_prepare_train_view),
+        Stage("segmenter", "model.safetensors", _build_segmenter, _run_segmenter, _steps, resume_file="resume.pt"),
         Stage("evaluate", "results.json", _build_evaluate, _run_evaluate, _evaluate_total),
     ]

@@ -107,9 +107,13 @@ class SegmenterConfig(StageConfig):
     sampling
         Fractions of patch centres drawn on tumour, on liver and anywhere.
     synthetic_ratio
-        Probability that a training patch is replaced by an on-the-fly synthesized one.
+        Probability that a training patch is synthetic: synthesized on the fly (``synthesizer``)
+        or taken from an offline synthetic dataset (``synthetic_data``).
     synthesizer
-        Synthesizer checkpoint folder used when ``synthetic_ratio`` > 0.
+        Synthesis config (``config.json`` of ``d4m-train synthesize``, or its folder) for the online route.
+    synthetic_data
+        A dataset written by ``d4m-train synthesize`` for the offline route; only its cases made
+        from this run's training cases are used (``meta["source_case"]``).
     data_fraction
         Fraction of the training cases used (the paper's 10 % ... 100 % study).
     phase_dropout
@@ -160,6 +164,7 @@ class SegmenterConfig(StageConfig):
     sampling: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
     synthetic_ratio: float = 0.0
     synthesizer: Path | None = None
+    synthetic_data: Path | None = None
     data_fraction: float = 1.0
     phase_dropout: float = 0.0
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
@@ -253,17 +258,17 @@ def _check_ranges(config: SegmenterConfig) -> None:
         raise ValueError(f"loss weights must be >= 0 and not both 0, found {config.dice_weight}, {config.ce_weight}")
     if config.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, found {config.device!r}")
-    if config.synthetic_ratio > 0 and config.synthesizer is None:
-        raise ValueError("synthetic_ratio > 0 needs a synthesizer checkpoint folder")
+    if config.synthetic_ratio > 0 and (config.synthesizer is None) == (config.synthetic_data is None):
+        raise ValueError("synthetic_ratio > 0 needs either a synthesizer (online) or synthetic_data (offline), "
+                         f"found {config.synthesizer} and {config.synthetic_data}")
 
 
 _PRESETS: dict[Preset, dict[str, Any]] = {
     # Two CPU cores, a few minutes, on the small phantom cohort (native 2.8 × 2.8 × 5 mm grid).
-    # Measured: 16-case cohort (seed 0, registered), 10 train / 3 val / 3 test cases, 400 steps:
-    # tumour Dice 0.52 on the test cases (validation 0.53).
+    # 800 steps: 400 left the validation Dice still climbing (docs/results.md, "d4m-train all").
     Preset.TINY: {
         "filters": (8, 16, 32, 64), "patch_size": (32, 64, 64), "spacing": None,
-        "steps": 400, "batch_size": 2, "val_every": 100, "lr": 1e-2, "patches_per_case": 8,
+        "steps": 800, "batch_size": 2, "val_every": 200, "lr": 1e-2, "patches_per_case": 8,
         "optimizer": OptimizerKind.ADAMW, "cache": True,
     },
     # A CPU workstation over a day.

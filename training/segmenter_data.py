@@ -328,9 +328,12 @@ class PatchDataset(TorchDataset):
     spacing
         Target spacing ``(x, y, z)`` mm (``None`` keeps each case's grid).
     synthesis
-        Optional hook applied to the HU sample (hybrid real / synthetic training).
+        Optional hook applied to the HU sample (hybrid real / synthetic training, online).
     shard
         ``(rank, world_size, first_step)``: this process's share, from which step.
+    synthetic
+        Offline synthetic cases: a group of ``patches_per_case`` samples comes from one of them
+        with probability ``config.synthetic_ratio`` (hybrid training, offline).
     """
 
     def __init__(
@@ -341,10 +344,12 @@ class PatchDataset(TorchDataset):
         spacing: Sequence[float] | None,
         synthesis: SampleTransform | None = None,
         shard: tuple[int, int, int] = (0, 1, 0),
+        synthetic: Sequence[Case] = (),
     ) -> None:
         if not cases:
             raise InputError(f"{config.data}: expected at least one training case, found none")
-        self.cases = list(cases)
+        self.real = len(cases)
+        self.cases = [*cases, *synthetic]
         self.config = config
         self.norm = norm
         self.spacing = None if spacing is None else tuple(spacing)
@@ -362,9 +367,16 @@ class PatchDataset(TorchDataset):
         return (step * self.world + self.rank) * self.config.batch_size + index % self.config.batch_size
 
     def case_index(self, sample: int) -> int:
-        """Which case a run-wide sample comes from (``patches_per_case`` in a row share one)."""
+        """Which case a run-wide sample comes from (``patches_per_case`` in a row share one).
+
+        Indices from ``len(cases)`` on are the offline synthetic cases.
+        """
         group = sample // self.config.patches_per_case
-        return int(np.random.default_rng([self.config.seed, 1, group]).integers(len(self.cases)))
+        rng = np.random.default_rng([self.config.seed, 1, group])
+        synthetic = len(self.cases) - self.real
+        if synthetic and rng.random() < self.config.synthetic_ratio:
+            return self.real + int(rng.integers(synthetic))
+        return int(rng.integers(self.real))
 
     def arrays(self, index: int) -> CaseArrays:
         """The loaded case ``index`` (kept in memory if ``cache``, else only the latest)."""

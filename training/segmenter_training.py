@@ -319,6 +319,27 @@ def synthesis_hook(config: SegmenterConfig) -> SampleTransform | None:
                            spacing=config.spacing or (1.0, 1.0, 1.0), seed=config.seed)
 
 
+def synthetic_cases(config: SegmenterConfig, train_cases: Sequence[Case]) -> list[Case]:
+    """The offline synthetic cases of ``config.synthetic_data`` made from the training cases (none without it).
+
+    Raises
+    ------
+    InputError
+        The dataset has no synthetic case made from a training case.
+    """
+    if config.synthetic_data is None or config.synthetic_ratio <= 0:
+        return []
+    train = {c.id for c in train_cases}
+    dataset = load_dataset(config.synthetic_data)
+    kept = [c for c in dataset.cases if c.meta.get("source_case") in train]
+    if not kept:
+        raise InputError(f"{config.synthetic_data}: expected synthetic cases (d4m-train synthesize) made from the "
+                         f"{len(train)} training cases, found none of {len(dataset.cases)}")
+    logger.info("hybrid training: %.0f %% of patches from %d offline synthetic cases (%d left out: not made from a "
+                "training case)", 100 * config.synthetic_ratio, len(kept), len(dataset.cases) - len(kept))
+    return kept
+
+
 def train_segmenter(
     config: SegmenterConfig,
     progress: Progress | None = None,
@@ -416,7 +437,7 @@ def _train(
         if progress is not None and start:
             progress(min(start, config.steps))
         data = PatchDataset(train_cases, config, config.normalization, config.spacing, synthesis,
-                            shard=(dist.rank, dist.world, start))
+                            shard=(dist.rank, dist.world, start), synthetic=synthetic_cases(config, train_cases))
         loss_fn = build_loss(config)
         clock, losses = time.perf_counter(), []
         for step, batch in zip(range(start, config.steps), _make_loader(data, config), strict=False):

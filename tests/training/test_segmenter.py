@@ -35,7 +35,7 @@ from d4m.training.segmenter_data import (
     select_fraction,
     split_cases,
 )
-from d4m.training.segmenter_training import poly_lr, synthesis_hook, train_segmenter
+from d4m.training.segmenter_training import poly_lr, synthesis_hook, synthetic_cases, train_segmenter
 from d4m.training.synthesis import OnlineSynthesis, RuleSynthesizer, SynthesisConfig
 
 SPACING = (1.5, 1.5, 3.0)
@@ -108,7 +108,8 @@ def test_config_round_trip_and_presets(tmp_path: Path) -> None:
      ({"patch_size": (4, 16, 16)}, "at least 8"),
      ({"phases": (Phase.NC, Phase.NC, Phase.PVP, Phase.DEL)}, "each of NC, ART, PVP, DEL once"),
      ({"sampling": (0.5, 0.5, 0.5)}, "summing to 1"),
-     ({"synthetic_ratio": 0.5}, "synthesizer checkpoint"),
+     ({"synthetic_ratio": 0.5}, "either a synthesizer"),
+     ({"synthetic_ratio": 0.5, "synthesizer": Path("s"), "synthetic_data": Path("d")}, "either a synthesizer"),
      ({"norm_mean": 1.0}, "given together"),
      ({"backbone": "swinunetr", "filters": (12, 24)}, "multiples of 32, at least 64")],
 )
@@ -226,6 +227,29 @@ def test_synthesis_hook_makes_deterministic_hybrid_patches(dataset: Dataset, tmp
                                spacing=SPACING))
     assert isinstance(hook, OnlineSynthesis) and hook.p == 0.5
     assert synthesis_hook(config) is None
+
+
+def test_offline_synthetic_cases_are_drawn_at_the_ratio(dataset: Dataset, tmp_path: Path) -> None:
+    norm = Normalization(mean=80.0, std=30.0)
+    real, fake = list(dataset.cases[:3]), list(dataset.cases[3:5])
+    config = tiny(dataset.root, Path("unused"), synthetic_ratio=0.3, synthetic_data=tmp_path)
+    hybrid = PatchDataset(real, config, norm, SPACING, synthetic=fake)
+    groups = [hybrid.case_index(g * config.patches_per_case) for g in range(1000)]
+    assert set(groups) == {0, 1, 2, 3, 4}
+    assert 0.25 < np.mean([i >= 3 for i in groups]) < 0.35
+    assert groups == [PatchDataset(real, config, norm, SPACING, synthetic=fake).case_index(2 * g) for g in range(1000)]
+    assert torch.equal(hybrid[0]["image"], PatchDataset(real, config, norm, SPACING, synthetic=fake)[0]["image"])
+    real_only = PatchDataset(real, tiny(dataset.root, Path("unused")), norm, SPACING)
+    assert max(real_only.case_index(2 * g) for g in range(1000)) == 2
+    # only the synthetic cases made from training cases are used (no test case leaks in)
+    made = [Case(f"syn_{c.id}", dict(c.images), c.label, meta={"synthetic": True, "source_case": c.id})
+            for c in dataset.cases]
+    Dataset(tmp_path / "synthetic", tuple(made)).save()
+    config = tiny(dataset.root, Path("o"), synthetic_ratio=0.5, synthetic_data=tmp_path / "synthetic")
+    assert [c.id for c in synthetic_cases(config, real)] == ["syn_case_000", "syn_case_001", "syn_case_002"]
+    assert synthetic_cases(tiny(dataset.root, Path("o")), real) == []
+    with pytest.raises(InputError, match="made from the 1 training cases, found none of 5"):
+        synthetic_cases(config, [Case("other", {}, None)])
 
 
 def test_load_case_resamples_to_the_target_spacing(dataset: Dataset) -> None:
