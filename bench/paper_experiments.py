@@ -242,9 +242,6 @@ def write_pvp_view(paths: Paths) -> None:
 #: The OOD cohort: the LiTS external-test analog. Another seed, 1.6× the CT noise, smaller and more numerous
 #: tumours (5-30 mm, up to 8), no cysts, no tumour-free case; the same ``small`` grid (a ``medium`` grid,
 #: 1.4 × 1.4 × 3 mm, costs ~7× the voxels to generate and register: too much for the shared CPU).
-#: The OOD cohort's phantom options (``d4m-train phantom``): another seed, 1.6× the CT noise, 1–8
-#: tumours of 5–30 mm, HCC and metastases only, no tumour-free study (the training cohort: up to 5
-#: tumours of 5–60 mm, cysts too, 15 % tumour-free).
 OOD_OPTIONS = ("--cases", "8", "--seed", "1001", "--size", "small", "--tumor-free-fraction", "0", "--max-tumors", "8",
                "--min-tumor-mm", "5", "--max-tumor-mm", "30", "--tumor-kind", "hcc", "--tumor-kind", "metastasis",
                "--noise-scale", "1.6", "--no-dicom")
