@@ -125,22 +125,23 @@ def clean_labels(labels: np.ndarray, settings: PostprocessSettings | None = None
     if settings.fill_holes and region.any():
         holes = ndimage.binary_fill_holes(region) & ~region
         out[holes] = LIVER.value
-    if settings.min_tumor_voxels:
+    if settings.min_tumor_voxels or settings.min_liver_contact:
+        # one labelling serves both rules: two tumour components are never 26-adjacent, so
+        # relabelling the small ones leaves every other component's border as it was
         components, count = ndimage.label(out == TUMOR.value, structure=CONNECTIVITY)
-        if count:
-            sizes = np.bincount(components.ravel())
-            small = sizes < settings.min_tumor_voxels
+        if settings.min_tumor_voxels:
+            small = np.bincount(components.ravel(), minlength=count + 1) < settings.min_tumor_voxels
             small[0] = False
             out[small[components]] = LIVER.value
-    if settings.min_liver_contact:
-        out[_detached_tumors(out, settings.min_liver_contact)] = 0
+            components[small[components]] = 0
+        if settings.min_liver_contact:
+            out[_detached_tumors(out, components, settings.min_liver_contact)] = 0
     return out
 
 
-def _detached_tumors(labels: np.ndarray, min_contact: float) -> np.ndarray:
-    """The tumour components of ``labels`` whose 26-neighbour border is less than ``min_contact`` liver."""
-    components, count = ndimage.label(labels == TUMOR.value, structure=CONNECTIVITY)
-    detached = np.zeros(count + 1, dtype=bool)
+def _detached_tumors(labels: np.ndarray, components: np.ndarray, min_contact: float) -> np.ndarray:
+    """The tumour ``components`` of ``labels`` whose 26-neighbour border is less than ``min_contact`` liver."""
+    detached = np.zeros(int(components.max(initial=0)) + 1, dtype=bool)
     for index, box in enumerate(ndimage.find_objects(components), start=1):
         if box is None:
             continue

@@ -55,7 +55,7 @@ from d4m.runtime.artifacts import atomic_dir, write_json
 from d4m.training.config import StageConfig
 from d4m.training.datasets import Case, Dataset, copy_image, load_dataset
 from d4m.training.inpainting_masks import tumor_hole
-from d4m.training.prealignment import finished_case_report
+from d4m.training.prealignment import check_resumable_output, finished_case_report
 
 if TYPE_CHECKING:
     from d4m.training.inpainter import FFCResNetGenerator, InpainterConfig
@@ -313,25 +313,6 @@ def _check_case(case: Case, phases: Sequence[Phase]) -> None:
             )
 
 
-def _check_output(config: NormalizeConfig) -> None:
-    out = config.out
-    if not out.exists() or config.overwrite:
-        return
-    if not out.is_dir():
-        raise InputError(f"{out}: expected an output folder, found a file")
-    saved = out / "config.json"
-    if not saved.exists():
-        if any(out.iterdir()):
-            raise InputError(f"{out}: expected a new or resumable output folder, found one without config.json")
-        return
-    previous = NormalizeConfig.load(saved)
-    changed = sorted(k for k, v in config.fingerprint().items() if previous.fingerprint().get(k) != v)
-    if previous.data.resolve() != config.data.resolve():
-        changed.append("data")
-    if changed:
-        raise InputError(f"{saved}: expected the same configuration to resume, found other {changed} (use --overwrite)")
-
-
 # --------------------------------------------------------------------------------------------
 # the stage
 # --------------------------------------------------------------------------------------------
@@ -417,7 +398,7 @@ def normalize_dataset(config: NormalizeConfig, progress: Progress | None = None)
     source = load_dataset(config.data)
     for case in source.cases:
         _check_case(case, source.phases)
-    _check_output(config)
+    check_resumable_output(config)
     filler, digest = _load_filler(config)
     out = config.out
     out.mkdir(parents=True, exist_ok=True)

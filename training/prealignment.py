@@ -139,7 +139,7 @@ def register_dataset(config: RegistrationConfig, progress: Callable[[int], None]
     for case in source.cases:
         _check_case(case)
     out = config.out
-    _check_output(config)
+    check_resumable_output(config)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.json")
 
@@ -365,29 +365,28 @@ def _header_grid(path: Path) -> tuple[tuple[int, ...], np.ndarray, np.ndarray, n
     )
 
 
-def _check_output(config: RegistrationConfig) -> None:
-    """Refuse an output folder made by another configuration or holding something else."""
+def check_resumable_output(config: Any) -> None:
+    """Refuse an output folder made by another configuration of the same stage, or holding something else.
+
+    ``config`` is a per-case stage config (``out``, ``data``, ``overwrite``, ``fingerprint()``,
+    ``load``): registration or normalisation. A folder with the same fingerprint and data resumes.
+    """
     out = config.out
     if not out.exists() or config.overwrite:
         return
+    if not out.is_dir():
+        raise InputError(f"{out}: expected an output folder, found a file")
     saved = out / "config.json"
     if not saved.exists():
         if any(out.iterdir()):
             raise InputError(f"{out}: expected a new or resumable output folder, found one without config.json")
         return
-    previous = RegistrationConfig.load(saved)
-    differences = _differences(previous, config)
-    if differences:
-        raise InputError(
-            f"{saved}: expected the same configuration to resume, found other {differences} (use --overwrite)"
-        )
-
-
-def _differences(previous: RegistrationConfig, config: RegistrationConfig) -> list[str]:
-    keys = [k for k, v in config.fingerprint().items() if previous.fingerprint()[k] != v]
+    previous = type(config).load(saved)
+    changed = sorted(k for k, v in config.fingerprint().items() if previous.fingerprint().get(k) != v)
     if previous.data.resolve() != config.data.resolve():
-        keys.append("data")
-    return keys
+        changed.append("data")
+    if changed:
+        raise InputError(f"{saved}: expected the same configuration to resume, found other {changed} (use --overwrite)")
 
 
 def finished_case_report(

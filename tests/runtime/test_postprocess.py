@@ -65,6 +65,8 @@ def test_tumours_hanging_off_the_liver_are_dropped() -> None:
     assert out[10, 20, 20] == 1, "the liver is untouched"
     kept = clean_labels(labels, PostprocessSettings(min_liver_contact=0.0))
     assert (kept[8:13, 31:37, 17:23] == 2).all()
+    both = clean_labels(labels, PostprocessSettings(min_tumor_voxels=65))  # size and contact rules together
+    assert both[8, 12, 12] == 1 and both[10, 26, 14] == 2 and not (both[8:13, 31:37, 17:23] == 2).any()
     strict = clean_labels(labels, PostprocessSettings(min_liver_contact=0.9))
     assert strict[8, 12, 12] == 2 and strict[10, 26, 14] == 0, "only the intrahepatic tumour is all liver"
     with pytest.raises(InputError, match="min_liver_contact"):
