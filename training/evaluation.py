@@ -240,6 +240,20 @@ def every_phase_subset() -> tuple[tuple[Phase, ...], ...]:
     return tuple(sorted(subsets, key=lambda s: (-len(s), [PHASE_ORDER.index(p) for p in s])))
 
 
+def shared_phases(cases: Sequence[Case]) -> tuple[Phase, ...]:
+    """The phases every case has, in acquisition order (what a default evaluation gives the model).
+
+    Raises
+    ------
+    InputError
+        No phase is common to all cases.
+    """
+    phases = tuple(p for p in PHASE_ORDER if all(p in c.images for c in cases))
+    if not phases:
+        raise InputError(f"expected a phase that all {len(cases)} cases have, found none")
+    return phases
+
+
 def evaluate_cases(
     cases: Sequence[Case],
     predictor: Predictor,
@@ -307,7 +321,8 @@ class EvaluationConfig(StageConfig):
     split
         ``test``, ``val``, ``train`` (the model's split of ``data``) or ``all`` cases.
     phase_sets
-        Phase subsets to evaluate; empty = only the four phases.
+        Phase subsets to evaluate; empty = the phases every evaluated case has (the four phases
+        of a complete dataset, only PVP of a PVP-only one).
     every_subset
         Evaluate all 15 phase subsets (the missing-phase study); overrides ``phase_sets``.
     postprocess
@@ -351,12 +366,11 @@ class EvaluationConfig(StageConfig):
         if self.weights not in ("model.safetensors", "last.safetensors"):
             raise ValueError(f"weights must be model.safetensors or last.safetensors, found {self.weights!r}")
 
-    @property
-    def chosen_phase_sets(self) -> tuple[tuple[Phase, ...], ...]:
-        """The phase subsets this evaluation runs."""
+    def chosen_phase_sets(self, cases: Sequence[Case]) -> tuple[tuple[Phase, ...], ...]:
+        """The phase subsets this evaluation runs on ``cases``."""
         if self.every_subset:
             return every_phase_subset()
-        return self.phase_sets or (PHASE_ORDER,)
+        return self.phase_sets or (shared_phases(cases),)
 
 
 def _fmt(value: Any) -> str:
@@ -477,9 +491,10 @@ def evaluate(config: EvaluationConfig, progress: Callable[[int], None] | None = 
     cases = [c for c in cases if c.label is not None]
     if not cases:
         raise InputError(f"{data}: expected labelled cases in the '{config.split}' split, found none")
+    phase_sets = config.chosen_phase_sets(cases)
     logger.info("evaluating %s on %d %s cases, %d phase sets", config.model, len(cases), config.split,
-                len(config.chosen_phase_sets))
-    rows = evaluate_cases(cases, predictor, spec, config.chosen_phase_sets, progress)
+                len(phase_sets))
+    rows = evaluate_cases(cases, predictor, spec, phase_sets, progress)
     info = {
         "title": f"Segmenter evaluation ({config.split} split, {len(cases)} cases)",
         "model": config.model.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -310,6 +311,18 @@ def test_training_writes_checkpoints_and_resume_equals_uninterrupted(dataset: Da
     assert result["cases"][1]["duplicated"] == "NC<-PVP;ART<-PVP;DEL<-PVP"
     assert 0.0 <= result["summary"]["PVP"]["liver_dice"] <= 1.0
     assert {p.name for p in (tmp_path / "eval").iterdir()} == {"results.md", "results.csv", "results.json"}
+
+
+def test_a_pvp_only_dataset_is_validated_and_evaluated_on_pvp(dataset: Dataset, tmp_path: Path) -> None:
+    # the paper's unimodal baseline: its validation must not skip every case for lacking NC, ART, DEL
+    view = Dataset(tmp_path / "pvp", tuple(dataclasses.replace(c, images={Phase.PVP: c.images[Phase.PVP]})
+                                           for c in dataset.cases))
+    view.save()
+    run = train_segmenter(tiny(view.root, tmp_path / "run", steps=3, val_every=3))
+    rows = _csv(run / "metrics.csv")
+    assert 0.0 <= float(rows[0]["val_liver_dice"]) <= 1.0, "validated on PVP, duplicated"
+    result = evaluate(EvaluationConfig(model=run, out=tmp_path / "eval", split="all"))
+    assert set(result["summary"]) == {"PVP"} and result["summary"]["PVP"]["cases"] == len(dataset.cases)
 
 
 def test_resume_with_another_config_is_refused(dataset: Dataset, tmp_path: Path) -> None:
