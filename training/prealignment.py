@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, Self
 
 import numpy as np
 import SimpleITK as sitk
@@ -365,11 +365,23 @@ def _header_grid(path: Path) -> tuple[tuple[int, ...], np.ndarray, np.ndarray, n
     )
 
 
-def check_resumable_output(config: Any) -> None:
+class PerCaseStage(Protocol):
+    """A per-case stage config (registration, normalisation): what its output folder check reads."""
+
+    out: Path
+    data: Path
+    overwrite: bool
+
+    def fingerprint(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def load(cls, path: Path) -> Self: ...
+
+
+def check_resumable_output(config: PerCaseStage) -> None:
     """Refuse an output folder made by another configuration of the same stage, or holding something else.
 
-    ``config`` is a per-case stage config (``out``, ``data``, ``overwrite``, ``fingerprint()``,
-    ``load``): registration or normalisation. A folder with the same fingerprint and data resumes.
+    A folder whose ``config.json`` has the same fingerprint and data resumes.
     """
     out = config.out
     if not out.exists() or config.overwrite:
