@@ -273,7 +273,8 @@ def evaluate(
     split: Annotated[str, typer.Option(help="train, val, test or all.")] = "test",
     every_subset: Annotated[bool, typer.Option(help="Also each missing-phase combination (duplication).")] = False,
     phases: Annotated[list[str] | None, typer.Option(
-        "--phases", help="A phase set given to the model, e.g. PVP or ART+PVP (repeatable; default: all 4).")] = None,
+        "--phases", help="A phase set given to the model, e.g. PVP or ART+PVP (repeatable; default: the "
+                         "phases every case has, all 4 on a complete dataset).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Evaluate a segmenter: tumor DSC, Jaccard, sensitivity, precision, liver DSC, lesion F1, HD95."""
