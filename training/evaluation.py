@@ -258,12 +258,14 @@ def evaluate_cases(
     cases: Sequence[Case],
     predictor: Predictor,
     spec: InferenceSpec,
-    phase_sets: Sequence[Sequence[Phase]] = (PHASE_ORDER,),
+    phase_sets: Sequence[Sequence[Phase]] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Segment each case with each phase subset and score it against its label.
 
-    Cases lacking a phase of a subset are skipped for that subset (logged).
+    ``phase_sets`` ``None`` gives the model the phases every case has (:func:`shared_phases`),
+    the others duplicated as at inference. Cases lacking a phase of a subset are skipped for
+    that subset (logged).
 
     Returns
     -------
@@ -271,6 +273,8 @@ def evaluate_cases(
         One row per (case, phase set): ``case``, ``phases``, ``duplicated``, ``seconds`` and
         every metric of :data:`METRIC_NAMES`.
     """
+    if phase_sets is None:
+        phase_sets = (shared_phases(cases),)
     rows = []
     for case in cases:
         label = case.read_label()
@@ -366,11 +370,12 @@ class EvaluationConfig(StageConfig):
         if self.weights not in ("model.safetensors", "last.safetensors"):
             raise ValueError(f"weights must be model.safetensors or last.safetensors, found {self.weights!r}")
 
-    def chosen_phase_sets(self, cases: Sequence[Case]) -> tuple[tuple[Phase, ...], ...]:
-        """The phase subsets this evaluation runs on ``cases``."""
+    @property
+    def chosen_phase_sets(self) -> tuple[tuple[Phase, ...], ...] | None:
+        """The phase subsets this evaluation runs (``None``: those every case has, see :func:`evaluate_cases`)."""
         if self.every_subset:
             return every_phase_subset()
-        return self.phase_sets or (shared_phases(cases),)
+        return self.phase_sets or None
 
 
 def _fmt(value: Any) -> str:
@@ -491,9 +496,9 @@ def evaluate(config: EvaluationConfig, progress: Callable[[int], None] | None = 
     cases = [c for c in cases if c.label is not None]
     if not cases:
         raise InputError(f"{data}: expected labelled cases in the '{config.split}' split, found none")
-    phase_sets = config.chosen_phase_sets(cases)
+    phase_sets = config.chosen_phase_sets
     logger.info("evaluating %s on %d %s cases, %d phase sets", config.model, len(cases), config.split,
-                len(phase_sets))
+                len(phase_sets) if phase_sets else 1)
     rows = evaluate_cases(cases, predictor, spec, phase_sets, progress)
     info = {
         "title": f"Segmenter evaluation ({config.split} split, {len(cases)} cases)",

@@ -42,7 +42,7 @@ from d4m.dicom_io.errors import D4MError, InputError
 from d4m.runtime.artifacts import read_json, write_json
 from d4m.training.checkpoints import MetricsLog, load_resume, load_weights, save_resume, save_weights
 from d4m.training.datasets import Case, load_dataset
-from d4m.training.evaluation import InferenceSpec, evaluate_cases, shared_phases, summarize
+from d4m.training.evaluation import InferenceSpec, evaluate_cases, summarize
 from d4m.training.segmenter import SegmenterConfig, build_network, resolve_device, torch_predictor
 from d4m.training.segmenter_data import (
     PatchDataset,
@@ -260,7 +260,7 @@ def validate(run: _Run, cases: Sequence[Case]) -> dict[str, float]:
     spec = InferenceSpec(config.normalization, config.spacing, config.patch_size, config.overlap, config.phases)
     predictor = torch_predictor(run.network, run.device, config.amp)
     try:
-        rows = evaluate_cases(cases, predictor, spec, (shared_phases(cases),))
+        rows = evaluate_cases(cases, predictor, spec)
     finally:
         run.network.train()
     return summarize(rows)

@@ -127,13 +127,14 @@ def test_phase_subsets() -> None:
     subsets = every_phase_subset()
     assert len(subsets) == 15 and subsets[0] == PHASE_ORDER and len(set(subsets)) == 15
     assert phase_set_name([Phase.PVP, Phase.NC]) == "NC+PVP"
+    assert EvaluationConfig(every_subset=True).chosen_phase_sets == subsets
+    assert EvaluationConfig(phase_sets=(("PVP",),)).chosen_phase_sets == ((Phase.PVP,),)
+    assert EvaluationConfig().chosen_phase_sets is None, "the default is evaluate_cases': the shared phases"
+    # by default the phases every case has: the four, or PVP alone once a PVP-only case is in
     complete = Case("a", {p: Path(f"{p.value}.nii.gz") for p in PHASE_ORDER})
     pvp_only = Case("b", {Phase.PVP: Path("PVP.nii.gz")})
-    assert EvaluationConfig(every_subset=True).chosen_phase_sets([complete]) == subsets
-    assert EvaluationConfig(phase_sets=(("PVP",),)).chosen_phase_sets([complete]) == ((Phase.PVP,),)
-    # by default the phases every case has: the four, or PVP alone once a PVP-only case is in
-    assert EvaluationConfig().chosen_phase_sets([complete]) == (PHASE_ORDER,)
-    assert EvaluationConfig().chosen_phase_sets([complete, pvp_only]) == ((Phase.PVP,),)
+    assert shared_phases([complete]) == PHASE_ORDER
+    assert shared_phases([complete, pvp_only]) == (Phase.PVP,)
     with pytest.raises(InputError, match="a phase that all 2 cases have"):
         shared_phases([pvp_only, Case("c", {Phase.NC: Path("NC.nii.gz")})])
     with pytest.raises(ValueError, match="split"):
