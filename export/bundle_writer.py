@@ -63,10 +63,10 @@ from d4m.export.parity import (
 from d4m.runtime.artifacts import atomic_dir, read_json, write_json
 from d4m.runtime.bundle import file_ref, write_manifest
 from d4m.runtime.manifest import SEGMENTER, EngineEntry, FileRef, Golden, Manifest, Preprocessing, SlidingWindow
-from d4m.runtime.postprocess import PostprocessSettings
 from d4m.runtime.preprocess import Interpolator, prepare_input, resample_like
 from d4m.runtime.runners import EngineKind, OnnxRuntimeRunner, as_predictor
 from d4m.training.config import StageConfig
+from d4m.training.postprocess_choice import run_postprocess
 from d4m.training.segmenter import SegmenterConfig, build_network, torch_predictor
 
 logger = logging.getLogger(__name__)
@@ -553,7 +553,7 @@ def write_onnx_bundle(config: ExportConfig, progress: Progress | None = None) ->
             sliding_window=SlidingWindow(tuple(seg.patch_size), overlap=seg.overlap),  # type: ignore[arg-type]
             engines=tuple(engines),
             labels=tuple(LABELS.values()),
-            postprocessing=PostprocessSettings(),
+            postprocessing=run_postprocess(config.run),
             golden=Golden(file_ref(tmp, "golden/input.npy"), file_ref(tmp, "golden/output.npy")),
             files=tuple(files),
             provenance={

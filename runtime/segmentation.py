@@ -10,8 +10,9 @@ training exactly as a site runs it:
 3. argmax and the clean-up (largest liver component, tumours only inside it), then the labels
    back to the reference grid (nearest neighbour), as ``uint8``.
 
-Each step can be timed by the caller through ``stage`` (``resample``, ``network``,
-``postprocess``). No torch.
+Each step can be timed by the caller through ``stage`` (``resample``, ``network`` with the
+argmax, ``postprocess``). :func:`network_labels` and :func:`finish_labels` are the two halves of
+:func:`segment_volumes`, for a caller that tries several clean-ups on one prediction. No torch.
 """
 
 from __future__ import annotations
@@ -111,6 +112,25 @@ def segment_volumes(
     """
     timed: StageTimer = stage or (lambda _name: contextlib.nullcontext())
     reference = reference if reference is not None else next(iter(volumes.values()))
+    raw, duplicated = network_labels(volumes, predictor, spec, timed)
+    with timed("postprocess"):
+        return finish_labels(raw, spec.postprocess, reference), duplicated
+
+
+def network_labels(
+    volumes: Mapping[Phase, Volume],
+    predictor: Predictor,
+    spec: SegmentationSpec,
+    stage: StageTimer | None = None,
+) -> tuple[Volume, dict[Phase, Phase]]:
+    """Steps 1–2 and the argmax: the network's plain labels on the model's grid (no clean-up).
+
+    Returns
+    -------
+    labels, duplicated
+        ``uint8`` label volume on the target grid, and ``{missing phase: phase copied into it}``.
+    """
+    timed: StageTimer = stage or (lambda _name: contextlib.nullcontext())
     with timed("resample"):
         prepared = prepare_input(volumes, spec.norm, spec.spacing, spec.order)
     grid, duplicated = prepared.grid, prepared.duplicated
@@ -122,17 +142,18 @@ def segment_volumes(
             prepared.image, spec.patch_size, spec.overlap, predictor, batch_size=spec.batch_size,
             mode=spec.mode, sigma_scale=spec.sigma_scale, pad_value=spec.norm.background,
         )
-    del prepared  # the network input is not needed any more (memory)
-    with timed("postprocess"):
+        del prepared  # the network input is not needed any more (memory)
         labels = labels_from_scores(scores)
-        del scores
-        if spec.postprocess is not None:
-            labels = clean_labels(labels, spec.postprocess)
-        on_grid = grid.with_array(labels)
-        if not on_grid.same_grid(reference):
-            on_grid = resample_like(on_grid, reference, Interpolator.NEAREST, 0)
-        on_grid = on_grid.with_array(on_grid.array.astype(np.uint8, copy=False))
-    return on_grid, duplicated
+    return grid.with_array(labels), duplicated
 
 
-__all__ = ["SegmentationSpec", "StageTimer", "segment_volumes"]
+def finish_labels(labels: Volume, settings: PostprocessSettings | None, reference: Volume) -> Volume:
+    """Step 3 on :func:`network_labels`' output: clean-up (``None``: none), then onto ``reference``'s grid."""
+    array = labels.array if settings is None else clean_labels(labels.array, settings)
+    on_grid = labels.with_array(array)
+    if not on_grid.same_grid(reference):
+        on_grid = resample_like(on_grid, reference, Interpolator.NEAREST, 0)
+    return on_grid.with_array(on_grid.array.astype(np.uint8, copy=False))
+
+
+__all__ = ["SegmentationSpec", "StageTimer", "finish_labels", "network_labels", "segment_volumes"]

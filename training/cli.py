@@ -295,6 +295,24 @@ def evaluate(
     run_command(action)
 
 
+@app.command()
+def postprocess(
+    model: Annotated[Path, typer.Option(exists=True, help="Segmenter run folder.")],
+    data: Annotated[Path | None, typer.Option(help="Dataset (default: the one the model was trained on).")] = None,
+    split: Annotated[str, typer.Option(help="train, val or all (default: the run's validation cases).")] = "val",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Choose the liver-contact rule on labelled cases; write RUN/postprocess.json (training does it itself)."""
+    from d4m.training.postprocess_choice import choose_for_run
+
+    def action() -> None:
+        if split not in ("train", "val", "all"):
+            raise InputError(f"--split: expected train, val or all (never the test cases), found {split!r}")
+        stderr.print(f"post-processing: {choose_for_run(model, data, split, device)}")
+
+    run_command(action)
+
+
 @app.command(name="all")
 def all_stages(
     data: Annotated[Path, typer.Option(exists=True, help="Input dataset (dataset.json folder), not registered.")],

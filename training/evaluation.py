@@ -44,7 +44,7 @@ from d4m.dicom_io.codes import LIVER, PHASE_ORDER, TUMOR, Phase
 from d4m.dicom_io.errors import InputError
 from d4m.dicom_io.volume import Volume
 from d4m.runtime.artifacts import write_json
-from d4m.runtime.postprocess import CONNECTIVITY, PostprocessSettings
+from d4m.runtime.postprocess import CONNECTIVITY
 from d4m.runtime.preprocess import Interpolator, resample_like
 from d4m.runtime.segmentation import SegmentationSpec, segment_volumes
 from d4m.runtime.sliding_window import Predictor
@@ -330,7 +330,8 @@ class EvaluationConfig(StageConfig):
     every_subset
         Evaluate all 15 phase subsets (the missing-phase study); overrides ``phase_sets``.
     postprocess
-        Apply the liver / tumour clean-up.
+        Apply the liver / tumour clean-up: the run's ``postprocess.json`` (chosen on its
+        validation cases), or the defaults for a run without one.
     overlap
         Sliding-window overlap (``None`` = the model's).
     batch_size
@@ -478,13 +479,14 @@ def evaluate(config: EvaluationConfig, progress: Callable[[int], None] | None = 
         A bad model folder or dataset, or no case in the chosen split.
     """
     from d4m.training.datasets import load_dataset
+    from d4m.training.postprocess_choice import run_postprocess
     from d4m.training.segmenter_data import split_cases
 
     model_config, predictor, spec = load_segmenter(config.model, config.weights, config.device)
     spec = dataclasses.replace(
         spec,
         overlap=spec.overlap if config.overlap is None else config.overlap,
-        postprocess=PostprocessSettings() if config.postprocess else None,
+        postprocess=run_postprocess(config.model) if config.postprocess else None,
         batch_size=config.batch_size,
     )
     data = config.data or model_config.data
@@ -506,7 +508,7 @@ def evaluate(config: EvaluationConfig, progress: Callable[[int], None] | None = 
         "backbone": model_config.backbone.value,
         "weights": config.weights,
         "split": config.split,
-        "postprocess": config.postprocess,
+        "postprocess": spec.postprocess.to_dict() if spec.postprocess is not None else None,
         "config": config.to_dict(),
     }
     return write_results(config.out, rows, info)

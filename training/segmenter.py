@@ -381,19 +381,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def memory_format(device: torch.device) -> torch.memory_format:
+    """How the segmenter's tensors are laid out on ``device``.
+
+    ``channels_last_3d`` on CPU, where oneDNN's 3D convolutions run 1.2–1.4× faster in that
+    layout (``bench/segmenter_step.py``); the default layout elsewhere (not measured on CUDA).
+    """
+    return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
+
+
 def torch_predictor(network: nn.Module, device: str | torch.device = "auto", amp: bool = True) -> Predictor:
     """Wrap a network as a numpy predictor for :func:`~d4m.runtime.sliding_window.sliding_window_inference`.
 
-    The network is put in eval mode on ``device``; each call runs without gradients (and
-    under autocast on CUDA when ``amp``) and returns float32 logits.
+    The network is put in eval mode on ``device`` (in that device's :func:`memory_format`);
+    each call runs without gradients (and under autocast on CUDA when ``amp``) and returns
+    float32 logits.
     """
     target = device if isinstance(device, torch.device) else resolve_device(device)
-    network = network.to(target).eval()
+    layout = memory_format(target)
+    network = network.to(target, memory_format=layout).eval()
     autocast = amp and target.type == "cuda"
 
     def predict(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode(), torch.autocast("cuda", enabled=autocast):
-            logits = network(torch.from_numpy(batch).to(target))
+            logits = network(torch.from_numpy(batch).to(target).contiguous(memory_format=layout))
         return logits.float().cpu().numpy()
 
     return predict

@@ -6,6 +6,8 @@
   filled in (export and evaluation read them from there);
 * ``model.safetensors`` (best validation tumour Dice) and ``last.safetensors``;
 * ``metrics.csv`` (one row per checkpoint) and ``metrics.json`` (best and last validation);
+* ``postprocess.json`` — the liver-contact rule chosen on the validation cases with the best
+  weights (:mod:`d4m.training.postprocess_choice`); evaluation and export use it;
 * ``resume.pt`` — step, weights, optimizer, scaler, torch RNG, best score; read back with
   ``weights_only=True``. Data randomness is a function of ``(seed, sample index)`` (see
   :mod:`d4m.training.segmenter_data`), so a run killed after a checkpoint and started again
@@ -43,7 +45,8 @@ from d4m.runtime.artifacts import read_json, write_json
 from d4m.training.checkpoints import MetricsLog, load_resume, load_weights, save_resume, save_weights
 from d4m.training.datasets import Case, load_dataset
 from d4m.training.evaluation import InferenceSpec, evaluate_cases, summarize
-from d4m.training.segmenter import SegmenterConfig, build_network, resolve_device, torch_predictor
+from d4m.training.postprocess_choice import POSTPROCESS_NAME, PostprocessChoice, choose_postprocess, save_choice
+from d4m.training.segmenter import SegmenterConfig, build_network, memory_format, resolve_device, torch_predictor
 from d4m.training.segmenter_data import (
     PatchDataset,
     SampleTransform,
@@ -227,7 +230,7 @@ def _autocast(run: _Run) -> contextlib.AbstractContextManager[Any]:
 def _train_step(run: _Run, batch: dict[str, torch.Tensor], loss_fn: nn.Module, lr: float) -> float:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    image = batch["image"].to(run.device, non_blocking=True)
+    image = batch["image"].to(run.device, non_blocking=True).contiguous(memory_format=memory_format(run.device))
     label = batch["label"].to(run.device, non_blocking=True)
     run.model.train()
     with _autocast(run):
@@ -344,6 +347,15 @@ def synthetic_cases(config: SegmenterConfig, train_cases: Sequence[Case]) -> lis
     return kept
 
 
+def _choose_postprocess(run: _Run, cases: Sequence[Case]) -> PostprocessChoice:
+    """The clean-up of the best weights, chosen on the validation cases (:mod:`~d4m.training.postprocess_choice`)."""
+    config = run.config
+    best = build_network(config)
+    load_weights(best, config.out / "model.safetensors")
+    spec = InferenceSpec(config.normalization, config.spacing, config.patch_size, config.overlap, config.phases)
+    return choose_postprocess(cases, torch_predictor(best, run.device, config.amp), spec)
+
+
 def train_segmenter(
     config: SegmenterConfig,
     progress: Progress | None = None,
@@ -416,7 +428,7 @@ def _train(
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         torch.manual_seed(config.seed)
-        network = build_network(config).to(device)
+        network = build_network(config).to(device, memory_format=memory_format(device))
         scaler = None
         if device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported():
             scaler = torch.amp.GradScaler("cuda")
@@ -467,6 +479,8 @@ def _train(
                 progress(1)
         if dist.main and not (out / "model.safetensors").exists():
             _checkpoint(run, out, max(start, config.steps), {})
+        if dist.main and (start < config.steps or not (out / POSTPROCESS_NAME).exists()):
+            save_choice(out, _choose_postprocess(run, val_cases))
     finally:
         if device.type == "cuda":
             torch.use_deterministic_algorithms(was_deterministic)

@@ -17,11 +17,14 @@ def make_segmenter_run(folder: Path, seed: int = 0) -> Path:
     """A run folder in the format of ``train_segmenter``: tiny preset, randomised weights, no training.
 
     ``config.json`` (measured spacing and normalisation filled in), ``model.safetensors``,
-    ``metrics.csv`` and ``metrics.json``, written with the segmenter helper's own functions.
+    ``metrics.csv``, ``metrics.json`` and ``postprocess.json`` (a liver-contact rule of 0.75, not
+    the default), written with the segmenter helper's own functions.
     """
     from d4m.export.parity import randomize_weights
     from d4m.runtime.artifacts import write_json
+    from d4m.runtime.postprocess import PostprocessSettings
     from d4m.training.checkpoints import MetricsLog, save_weights
+    from d4m.training.postprocess_choice import PostprocessChoice, save_choice
     from d4m.training.segmenter import build_network, segmenter_preset
     from d4m.training.segmenter_training import METRICS
 
@@ -36,6 +39,7 @@ def make_segmenter_run(folder: Path, seed: int = 0) -> Path:
          "val_lesion_f1": math.nan, "seconds": 12.5})
     write_json(folder / "metrics.json", {"schema_version": 1, "stage": "segmenter", "step": 300,
                                          "best": {"tumor_dice": 0.61, "step": 300.0}, "last": {"tumor_dice": 0.61}})
+    save_choice(folder, PostprocessChoice(PostprocessSettings(min_liver_contact=0.75), {0.25: 0.5, 0.75: 0.61}, 1))
     return folder
 
 

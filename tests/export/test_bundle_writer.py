@@ -33,6 +33,7 @@ def test_manifest_holds_the_runs_constants(fp16_bundle: Path, segmenter_run: Pat
         assert manifest.sliding_window.patch_size == config.patch_size == (32, 64, 64)
         assert manifest.sliding_window.overlap == config.overlap
         assert manifest.labels == tuple(LABELS.values())
+        assert manifest.postprocessing.min_liver_contact == 0.75  # the run's postprocess.json
         assert [(e.file, e.precision) for e in manifest.engines] == [("segmenter.onnx", Precision.FP32),
                                                                      ("segmenter.fp16.onnx", Precision.FP16)]
         assert manifest.engines[0].inputs[0].shape == ("N", 4, "Z", "Y", "X")

@@ -63,7 +63,7 @@ def test_bad_dataset_is_exit_code_2(tmp_path: Path) -> None:
 def test_every_stage_command_is_listed() -> None:
     output = runner.invoke(app, ["--help"]).output
     for command in ("phantom", "register", "inpainter", "normalize", "autoencoder", "ldm", "synthesize",
-                    "segmenter", "evaluate"):
+                    "segmenter", "postprocess", "evaluate"):
         assert command in output
 
 
@@ -94,3 +94,10 @@ def test_evaluate_with_an_unknown_phase_set_is_exit_code_2(tmp_path: Path) -> No
     assert result.exit_code == 2
     assert "--phases: expected sets of NC, ART, PVP, DEL joined by '+'" in " ".join(result.output.split())
     assert not (tmp_path / "eval").exists()
+
+
+def test_postprocess_refuses_the_test_split(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["postprocess", "--model", str(tmp_path), "--split", "test"], terminal_width=300)
+    assert result.exit_code == 2
+    assert "--split: expected train, val or all (never the test cases)" in " ".join(result.output.split())
+    assert not (tmp_path / "postprocess.json").exists()

@@ -16,17 +16,21 @@ import torch
 from d4m.dicom_io.codes import PHASE_ORDER, Phase
 from d4m.dicom_io.errors import InputError
 from d4m.dicom_io.volume import Volume, write_image
+from d4m.runtime.postprocess import PostprocessSettings
 from d4m.runtime.preprocess import Normalization
 from d4m.training.checkpoints import read_weights
 from d4m.training.datasets import Case, Dataset, load_dataset
 from d4m.training.evaluation import EvaluationConfig, evaluate
+from d4m.training.postprocess_choice import PostprocessChoice, save_choice
 from d4m.training.segmenter import (
     NETWORKS,
     Backbone,
     Preset,
     SegmenterConfig,
     build_network,
+    memory_format,
     segmenter_preset,
+    torch_predictor,
 )
 from d4m.training.segmenter_data import (
     PatchDataset,
@@ -143,6 +147,21 @@ def test_every_backbone_builds_and_maps_4_phases_to_3_classes(backbone: Backbone
         out = network(torch.zeros(1, 4, *patch))
     assert tuple(out.shape) == (1, 3, *patch)
     assert set(NETWORKS) == set(Backbone)
+
+
+@pytest.mark.parametrize("backbone", [b for b in Backbone if b is not Backbone.SWINUNETR])
+def test_cpu_predictor_in_channels_last_matches_the_default_layout(backbone: Backbone) -> None:
+    filters = (8, 16, 32) if backbone is Backbone.SEGRESNET else (4, 8, 16)
+    config = SegmenterConfig(backbone=backbone, filters=filters, patch_size=(16, 16, 16))
+    torch.manual_seed(0)
+    network = build_network(config).eval()
+    batch = np.random.default_rng(0).normal(size=(2, 4, 16, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        expected = network(torch.from_numpy(batch)).numpy()
+    assert memory_format(torch.device("cpu")) is torch.channels_last_3d
+    logits = torch_predictor(network, "cpu")(batch)
+    assert next(network.parameters()).is_contiguous(memory_format=torch.channels_last_3d)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_swinunetr_builds_with_4_inputs_and_3_outputs() -> None:
@@ -269,8 +288,11 @@ def test_poly_lr() -> None:
 
 def test_training_writes_checkpoints_and_resume_equals_uninterrupted(dataset: Dataset, tmp_path: Path) -> None:
     full = train_segmenter(tiny(dataset.root, tmp_path / "full"))
-    for name in ("model.safetensors", "last.safetensors", "config.json", "metrics.csv", "metrics.json", "resume.pt"):
+    for name in ("model.safetensors", "last.safetensors", "config.json", "metrics.csv", "metrics.json", "resume.pt",
+                 "postprocess.json"):
         assert (full / name).is_file(), name
+    choice = json.loads((full / "postprocess.json").read_text())
+    assert choice["cases"] == 1 and set(choice["validation_tumor_dice"]) == {"0.0", "0.25", "0.5", "0.75", "0.9"}
     saved = SegmenterConfig.load(full / "config.json")
     assert saved.spacing == SPACING and saved.norm_mean is not None and 60 < saved.norm_mean < 120
     rows = _csv(full / "metrics.csv")
@@ -304,13 +326,16 @@ def test_training_writes_checkpoints_and_resume_equals_uninterrupted(dataset: Da
     for key in ("step", "loss", "lr", "val_tumor_dice", "val_liver_dice"):
         assert [r[key] for r in resumed_rows] == [r[key] for r in rows], key
 
-    # the trained folder evaluates on its test split, with all phases and with PVP only
+    # the trained folder evaluates on its test split, with all phases and with PVP only, post-processed
+    # as its postprocess.json says
+    save_choice(full, PostprocessChoice(PostprocessSettings(min_liver_contact=0.9), {}, 0))
     result = evaluate(EvaluationConfig(model=full, out=tmp_path / "eval", phase_sets=(PHASE_ORDER, (Phase.PVP,))))
     assert set(result["summary"]) == {"NC+ART+PVP+DEL", "PVP"}
     assert [row["phases"] for row in result["cases"]] == ["NC+ART+PVP+DEL", "PVP"]
     assert result["cases"][1]["duplicated"] == "NC<-PVP;ART<-PVP;DEL<-PVP"
     assert 0.0 <= result["summary"]["PVP"]["liver_dice"] <= 1.0
     assert {p.name for p in (tmp_path / "eval").iterdir()} == {"results.md", "results.csv", "results.json"}
+    assert result["postprocess"] == {**PostprocessSettings().to_dict(), "min_liver_contact": 0.9}
 
 
 def test_a_pvp_only_dataset_is_validated_and_evaluated_on_pvp(dataset: Dataset, tmp_path: Path) -> None:
