@@ -30,7 +30,7 @@ def test_manifest_holds_the_runs_constants(fp16_bundle: Path, segmenter_run: Pat
         pre = manifest.preprocessing
         assert (pre.mean, pre.std, pre.hu_window, pre.target_spacing) == (NORM_MEAN, NORM_STD, (-21.0, 189.0),
                                                                           SPACING)
-        assert manifest.sliding_window.patch_size == config.patch_size == (32, 64, 64)
+        assert manifest.sliding_window.patch_size == config.patch_size == (32, 48, 48)
         assert manifest.sliding_window.overlap == config.overlap
         assert manifest.labels == tuple(LABELS.values())
         assert manifest.postprocessing.min_liver_contact == 0.75  # the run's postprocess.json
@@ -45,7 +45,7 @@ def test_manifest_holds_the_runs_constants(fp16_bundle: Path, segmenter_run: Pat
 def test_golden_is_a_real_normalised_patch_and_the_torch_output(fp16_bundle: Path, segmenter_run: Path) -> None:
     golden_in = np.load(fp16_bundle / "golden" / "input.npy")
     golden_out = np.load(fp16_bundle / "golden" / "output.npy")
-    assert golden_in.shape == (1, 4, 32, 64, 64) and golden_out.shape == (1, 3, 32, 64, 64)
+    assert golden_in.shape == (1, 4, 32, 48, 48) and golden_out.shape == (1, 3, 32, 48, 48)
     low, high = (-21.0 - NORM_MEAN) / NORM_STD, (189.0 - NORM_MEAN) / NORM_STD
     assert golden_in.min() >= low - 1e-5 and golden_in.max() <= high + 1e-5  # windowed and z-scored
     assert (golden_in == np.float32(low)).mean() > 0.05  # air outside the body

@@ -116,7 +116,7 @@ def test_verify_parity_gate_failure_exits_1(bundle_copy: Path) -> None:
 def test_inspect_prints_the_manifest(fp16_bundle: Path) -> None:
     result = runner.invoke(app, ["inspect", str(fp16_bundle)], terminal_width=250)
     assert result.exit_code == 0, result.output
-    for text in ("-21 .. 189", "mean 104.5, std 38.25", "2.8 × 2.8 × 5 mm", "32 × 64 × 64", "SCT 108369006",
+    for text in ("-21 .. 189", "mean 104.5, std 38.25", "2.8 × 2.8 × 5 mm", "32 × 48 × 48", "SCT 108369006",
                  "segmenter.fp16.onnx", "opset 17", "dynunet [8, 16, 32, 64]", "tumor_dice 0.61"):
         assert text in result.stdout, text
     as_json = runner.invoke(app, ["inspect", str(fp16_bundle), "--json"])
@@ -145,7 +145,7 @@ def test_onnx_command_fixed_patch(segmenter_run: Path, tmp_path: Path) -> None:
                                  "--native-instance-norm"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["engines"][0]["inputs"][0]["shape"] == ["N", 4, 32, 64, 64]
+    assert manifest["engines"][0]["inputs"][0]["shape"] == ["N", 4, 32, 48, 48]
     assert manifest["provenance"]["export"]["precise_norm"] is False
     again = runner.invoke(app, ["onnx", "--run", str(segmenter_run), "--out", str(out)])
     assert again.exit_code == 2 and "found an existing one" in " ".join(again.output.split())
