@@ -9,7 +9,7 @@ and optimizer), for each patch size, thread count and memory layout:
 It prints seconds per call and the ratio default layout / ``channels_last_3d``; d4m trains and
 validates on the CPU in ``channels_last_3d`` (:func:`d4m.training.segmenter.memory_format`).
 
-Usage: ``.venv/bin/python bench/segmenter_step.py [--patches 32x64x64 32x48x48] [--repeat 8]``.
+Usage: ``.venv/bin/python bench/segmenter_step.py [--patches 32x64x64 32x48x48] [--repeat 16]``.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patches", nargs="+", default=["32x64x64", "32x48x48"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--repeat", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=16)
     args = parser.parse_args()
     print("| patch | threads | layout | train step (s) | infer 4 windows (s) |")
     print("|---|---:|---|---:|---:|")
