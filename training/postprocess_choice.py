@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,6 @@ def choose_postprocess(
     predictor: Predictor,
     spec: SegmentationSpec,
     candidates: Sequence[float] = CONTACT_CANDIDATES,
-    progress: Callable[[int], None] | None = None,
 ) -> PostprocessChoice:
     """Pick ``min_liver_contact`` by mean tumour Dice on labelled cases (the phases they all have).
 
@@ -87,8 +86,6 @@ def choose_postprocess(
         for contact in candidates:
             settings = dataclasses.replace(base, min_liver_contact=contact)
             per_case[contact].append(dice(finish_labels(raw, settings, label).array == TUMOR.value, truth))
-        if progress is not None:
-            progress(1)
     scores = {c: float(np.mean(v)) for c, v in per_case.items()}
     best = max(scores.values())
     if scores.get(base.min_liver_contact, -1.0) >= best - 1e-9:
@@ -118,10 +115,10 @@ def choose_for_run(folder: Path, data: Path | None = None, split: str = "val", d
     config, predictor, spec = load_segmenter(folder, device=device)
     dataset = load_dataset(data or config.data)
     cases = list(dataset.cases) if split == "all" else split_cases(dataset, config.split, config.seed)[split]
-    cases = [c for c in cases if c.label is not None]
-    if not cases:
+    choice = choose_postprocess(cases, predictor, spec)
+    if not choice.cases:
         raise InputError(f"{data or config.data}: expected labelled cases in the '{split}' split, found none")
-    return save_choice(folder, choose_postprocess(cases, predictor, spec))
+    return save_choice(folder, choice)
 
 
 def save_choice(folder: Path, choice: PostprocessChoice) -> Path:

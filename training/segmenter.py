@@ -266,7 +266,8 @@ def _check_ranges(config: SegmenterConfig) -> None:
 _PRESETS: dict[Preset, dict[str, Any]] = {
     # Two CPU cores, a few minutes, on the small phantom cohort (native 2.8 × 2.8 × 5 mm grid).
     # 800 steps: 400 left the validation Dice still climbing; 32×48×48 patches: a step 2.2× faster
-    # than 32×64×64 for 3 points less held-out tumour Dice (docs/results.md, "d4m-train all").
+    # than 32×64×64 for 3 points less held-out tumour Dice (docs/results.md, "Post-processing chosen
+    # on the validation cases").
     Preset.TINY: {
         "filters": (8, 16, 32, 64), "patch_size": (32, 48, 48), "spacing": None,
         "steps": 800, "batch_size": 2, "val_every": 200, "lr": 1e-2, "patches_per_case": 8,

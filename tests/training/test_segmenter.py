@@ -21,7 +21,7 @@ from d4m.runtime.preprocess import Normalization
 from d4m.training.checkpoints import read_weights
 from d4m.training.datasets import Case, Dataset, load_dataset
 from d4m.training.evaluation import EvaluationConfig, evaluate
-from d4m.training.postprocess_choice import PostprocessChoice, save_choice
+from d4m.training.postprocess_choice import PostprocessChoice, choose_for_run, save_choice
 from d4m.training.segmenter import (
     NETWORKS,
     Backbone,
@@ -293,6 +293,9 @@ def test_training_writes_checkpoints_and_resume_equals_uninterrupted(dataset: Da
         assert (full / name).is_file(), name
     choice = json.loads((full / "postprocess.json").read_text())
     assert choice["cases"] == 1 and set(choice["validation_tumor_dice"]) == {"0.0", "0.25", "0.5", "0.75", "0.9"}
+    (full / "postprocess.json").unlink()
+    choose_for_run(full, device="cpu")  # `d4m-train postprocess`: the same cases and weights, the same choice
+    assert json.loads((full / "postprocess.json").read_text()) == choice
     saved = SegmenterConfig.load(full / "config.json")
     assert saved.spacing == SPACING and saved.norm_mean is not None and 60 < saved.norm_mean < 120
     rows = _csv(full / "metrics.csv")
