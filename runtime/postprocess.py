@@ -135,13 +135,13 @@ def clean_labels(labels: np.ndarray, settings: PostprocessSettings | None = None
             out[small[components]] = LIVER.value
             components[small[components]] = 0
         if settings.min_liver_contact:
-            out[_detached_tumors(out, components, settings.min_liver_contact)] = 0
+            out[_detached_tumors(out, components, count, settings.min_liver_contact)] = 0
     return out
 
 
-def _detached_tumors(labels: np.ndarray, components: np.ndarray, min_contact: float) -> np.ndarray:
-    """The tumour ``components`` of ``labels`` whose 26-neighbour border is less than ``min_contact`` liver."""
-    detached = np.zeros(int(components.max(initial=0)) + 1, dtype=bool)
+def _detached_tumors(labels: np.ndarray, components: np.ndarray, count: int, min_contact: float) -> np.ndarray:
+    """Tumour ``components`` (1..``count``) whose 26-neighbour border in ``labels`` is under ``min_contact`` liver."""
+    detached = np.zeros(count + 1, dtype=bool)
     for index, box in enumerate(ndimage.find_objects(components), start=1):
         if box is None:
             continue

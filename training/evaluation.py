@@ -35,7 +35,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage
@@ -50,6 +50,9 @@ from d4m.runtime.segmentation import SegmentationSpec, segment_volumes
 from d4m.runtime.sliding_window import Predictor
 from d4m.training.config import StageConfig
 from d4m.training.datasets import Case
+
+if TYPE_CHECKING:
+    from d4m.training.segmenter import SegmenterConfig
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +231,19 @@ def summarize(rows: Iterable[Mapping[str, Any]], names: Sequence[str] = METRIC_N
 InferenceSpec = SegmentationSpec
 
 
+def inference_spec(config: SegmenterConfig) -> InferenceSpec:
+    """The spec of a segmenter config whose spacing and z-score constants are measured."""
+    return InferenceSpec(config.normalization, config.spacing, config.patch_size, config.overlap, config.phases)
+
+
+def image_on_label_grid(case: Case, phase: Phase, label: Volume) -> Volume:
+    """A case's phase image, resampled (linear, air outside) onto its label's grid when not already on it."""
+    volume = case.image(phase)
+    if not volume.same_grid(label):
+        volume = resample_like(volume, label, Interpolator.LINEAR, -1024.0)
+    return volume
+
+
 def phase_set_name(phases: Iterable[Phase]) -> str:
     """``"NC+PVP"``-style name of a phase subset, in acquisition order."""
     chosen = {Phase(p) for p in phases}
@@ -286,10 +302,7 @@ def evaluate_cases(
                 continue
             for phase in wanted:
                 if phase not in loaded:
-                    volume = case.image(phase)
-                    if not volume.same_grid(label):
-                        volume = resample_like(volume, label, Interpolator.LINEAR, -1024.0)
-                    loaded[phase] = volume
+                    loaded[phase] = image_on_label_grid(case, phase, label)
             clock = time.perf_counter()
             pred, duplicated = segment_volumes({p: loaded[p] for p in wanted}, predictor, spec)
             row: dict[str, Any] = {
@@ -454,8 +467,7 @@ def load_segmenter(folder: Path, weights: str = "model.safetensors", device: str
     network = build_network(config)
     load_weights(network, folder / weights)
     predictor = torch_predictor(network, device)
-    spec = InferenceSpec(config.normalization, config.spacing, config.patch_size, config.overlap, config.phases)
-    return config, predictor, spec
+    return config, predictor, inference_spec(config)
 
 
 def evaluate(config: EvaluationConfig, progress: Callable[[int], None] | None = None) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from d4m.runtime.postprocess import PostprocessSettings
 from d4m.runtime.segmentation import SegmentationSpec, finish_labels, network_labels
 from d4m.runtime.sliding_window import Predictor
 from d4m.training.datasets import Case
-from d4m.training.evaluation import dice, shared_phases
+from d4m.training.evaluation import dice, image_on_label_grid, shared_phases
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def choose_postprocess(
     for case in cases:
         label = case.read_label()
         truth = label.array == TUMOR.value
-        raw, _ = network_labels({p: case.image(p) for p in phases}, predictor, spec)
+        raw, _ = network_labels({p: image_on_label_grid(case, p, label) for p in phases}, predictor, spec)
         for contact in candidates:
             settings = dataclasses.replace(base, min_liver_contact=contact)
             per_case[contact].append(dice(finish_labels(raw, settings, label).array == TUMOR.value, truth))

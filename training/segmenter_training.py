@@ -44,7 +44,7 @@ from d4m.dicom_io.errors import D4MError, InputError
 from d4m.runtime.artifacts import read_json, write_json
 from d4m.training.checkpoints import MetricsLog, load_resume, load_weights, save_resume, save_weights
 from d4m.training.datasets import Case, load_dataset
-from d4m.training.evaluation import InferenceSpec, evaluate_cases, summarize
+from d4m.training.evaluation import evaluate_cases, inference_spec, load_segmenter, summarize
 from d4m.training.postprocess_choice import POSTPROCESS_NAME, PostprocessChoice, choose_postprocess, save_choice
 from d4m.training.segmenter import SegmenterConfig, build_network, memory_format, resolve_device, torch_predictor
 from d4m.training.segmenter_data import (
@@ -259,11 +259,9 @@ def validate(run: _Run, cases: Sequence[Case]) -> dict[str, float]:
     The model is given the phases every validation case has, the others duplicated as at
     inference (all four on a complete dataset, PVP alone on a PVP-only one).
     """
-    config = run.config
-    spec = InferenceSpec(config.normalization, config.spacing, config.patch_size, config.overlap, config.phases)
-    predictor = torch_predictor(run.network, run.device, config.amp)
+    predictor = torch_predictor(run.network, run.device, run.config.amp)
     try:
-        rows = evaluate_cases(cases, predictor, spec)
+        rows = evaluate_cases(cases, predictor, inference_spec(run.config))
     finally:
         run.network.train()
     return summarize(rows)
@@ -349,11 +347,8 @@ def synthetic_cases(config: SegmenterConfig, train_cases: Sequence[Case]) -> lis
 
 def _choose_postprocess(run: _Run, cases: Sequence[Case]) -> PostprocessChoice:
     """The clean-up of the best weights, chosen on the validation cases (:mod:`~d4m.training.postprocess_choice`)."""
-    config = run.config
-    best = build_network(config)
-    load_weights(best, config.out / "model.safetensors")
-    spec = InferenceSpec(config.normalization, config.spacing, config.patch_size, config.overlap, config.phases)
-    return choose_postprocess(cases, torch_predictor(best, run.device, config.amp), spec)
+    _, predictor, spec = load_segmenter(run.config.out, device=str(run.device))
+    return choose_postprocess(cases, predictor, spec)
 
 
 def train_segmenter(
