@@ -649,6 +649,9 @@ def _run_study(config: InferConfig, bundle: Bundle, clock: _Clock) -> InferResul
     with _Engine(bundle, config, entry) as predictor:
         labels, duplicated = segment_volumes(registered.images, predictor, _segmentation_spec(bundle.manifest, batch),
                                              reference=ref.volume, stage=clock.stage)
+    untrained = untrained_duplication(bundle.manifest, duplicated)
+    if untrained:
+        warnings.append(untrained)
     engine = EngineInfo(resolved.value, config.device.value, entry.file, entry.format.value, entry.precision.value,
                         predictor.providers, predictor.windows, batch)
     logger.info("%s on %s: %d windows", entry.file, ", ".join(predictor.providers), predictor.windows)
@@ -690,6 +693,23 @@ def _run_study(config: InferConfig, bundle: Bundle, clock: _Clock) -> InferResul
     files = tuple(v for v in outputs.values() if v)
     logger.info("wrote %s to %s", ", ".join(files), config.out.name)
     return InferResult(config.out, report, labels, files)
+
+
+def untrained_duplication(manifest: Manifest, duplicated: Mapping[Phase, Phase]) -> str | None:
+    """A warning when phases were filled by duplication for a model trained without phase dropout.
+
+    Such a model saw every phase in training, so a duplicated phase is an input it never met; on the
+    phantom a four-phase model given PVP alone lost the liver (docs/results.md). ``None`` when nothing
+    was duplicated or the bundle's training provenance does not say ``phase_dropout`` 0.
+    """
+    training = manifest.provenance.get("training")
+    if not duplicated or not isinstance(training, dict) or training.get("phase_dropout") != 0:
+        return None
+    filled = ", ".join(f"{missing.value} from {source.value}" for missing, source in
+                       sorted(duplicated.items(), key=lambda item: PHASE_ORDER.index(item[0])))
+    return (f"{len(duplicated)} of {len(manifest.phases)} phases missing, filled by duplication ({filled}); "
+            "the model was trained without phase dropout and never saw such input: expect lower accuracy than "
+            "with every phase (a model for such studies: d4m-train segmenter --phase-dropout)")
 
 
 def _write_outputs(tmp: Path, config: InferConfig, labels: Volume, source: tuple[Dataset, ...], ref: _Loaded,

@@ -226,14 +226,13 @@ def summarize(rows: Iterable[Mapping[str, Any]], names: Sequence[str] = METRIC_N
 # predicting one study (the runtime's steps, with any predictor)
 # --------------------------------------------------------------------------------------------
 
-#: What a model needs around its network to segment a study: the runtime's spec, so a model is
-#: validated with exactly the steps ``d4m-infer`` runs (:mod:`d4m.runtime.segmentation`).
-InferenceSpec = SegmentationSpec
+def inference_spec(config: SegmenterConfig) -> SegmentationSpec:
+    """What the model needs around its network, as the runtime's spec of a segmenter config.
 
-
-def inference_spec(config: SegmenterConfig) -> InferenceSpec:
-    """The spec of a segmenter config whose spacing and z-score constants are measured."""
-    return InferenceSpec(config.normalization, config.spacing, config.patch_size, config.overlap, config.phases)
+    A model is thus validated with exactly the steps ``d4m-infer`` runs (:mod:`d4m.runtime.segmentation`);
+    the config's spacing and z-score constants must be measured.
+    """
+    return SegmentationSpec(config.normalization, config.spacing, config.patch_size, config.overlap, config.phases)
 
 
 def image_on_label_grid(case: Case, phase: Phase, label: Volume) -> Volume:
@@ -273,7 +272,7 @@ def shared_phases(cases: Sequence[Case]) -> tuple[Phase, ...]:
 def evaluate_cases(
     cases: Sequence[Case],
     predictor: Predictor,
-    spec: InferenceSpec,
+    spec: SegmentationSpec,
     phase_sets: Sequence[Sequence[Phase]] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
@@ -448,7 +447,7 @@ def write_results(out: Path, rows: Sequence[Mapping[str, Any]], info: Mapping[st
 
 
 def load_segmenter(folder: Path, weights: str = "model.safetensors", device: str = "auto") -> tuple[
-        Any, Predictor, InferenceSpec]:
+        Any, Predictor, SegmentationSpec]:
     """Rebuild a trained segmenter from its folder: config, network with weights, predictor, spec.
 
     Raises

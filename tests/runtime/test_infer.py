@@ -15,6 +15,7 @@ import random
 import shutil
 import subprocess
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import infer_testkit as kit
@@ -29,7 +30,7 @@ from d4m.dicom_io.reader import read_series_datasets
 from d4m.dicom_io.seg_writer import read_seg
 from d4m.dicom_io.series import scan_folder
 from d4m.dicom_io.volume import read_image
-from d4m.runtime.bundle import load_bundle
+from d4m.runtime.bundle import load_bundle, write_manifest
 from d4m.runtime.infer import (
     REFERENCE_PREFERENCE,
     InferConfig,
@@ -39,6 +40,7 @@ from d4m.runtime.infer import (
     read_phases,
     register_phases,
     run,
+    untrained_duplication,
 )
 from d4m.runtime.phases import assign_phases
 from d4m.runtime.registration import RegistrationSettings, register_to_reference
@@ -201,6 +203,28 @@ def test_gate_drops_a_phase_and_phi_only_when_asked(study: Path, bundle: Path, t
     assert report["patient"]["name"] == kit.PATIENT_NAME and report["patient"]["id"] == kit.PATIENT_ID
     assert report["input"]["folder"] == study.name
     assert report["outputs"]["qc"] is None and not (tmp_path / "out" / "qc.png").exists()
+
+
+def test_duplication_for_a_model_trained_without_phase_dropout_is_a_warning(study: Path, bundle: Path,
+                                                                              tmp_path: Path) -> None:
+    manifest = load_bundle(bundle).manifest
+    pvp_only = {Phase.NC: Phase.PVP, Phase.ART: Phase.PVP, Phase.DEL: Phase.PVP}
+    trained = {dropout: replace(manifest, provenance={"training": {"phase_dropout": dropout}})
+               for dropout in (0.0, 0.3)}
+    warning = untrained_duplication(trained[0.0], pvp_only)
+    assert warning is not None and warning.startswith("3 of 4 phases missing")
+    assert "NC from PVP, ART from PVP, DEL from PVP" in warning
+    assert untrained_duplication(trained[0.0], {}) is None  # every phase given
+    assert untrained_duplication(trained[0.3], pvp_only) is None  # trained for it
+    assert untrained_duplication(manifest, pvp_only) is None  # provenance silent: no claim
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    write_manifest(copy, trained[0.0])
+    folder = _copy(study, tmp_path / "study", (Phase.ART, Phase.PVP))
+    report = run(_config(folder, copy, tmp_path / "out", qc=False)).report
+    duplicated = {Phase(m): Phase(source) for m, source in report["phases"]["duplicated"].items()}
+    assert set(duplicated) == {Phase.NC, Phase.DEL}
+    assert [w for w in report["warnings"] if "phases missing" in w] == [untrained_duplication(trained[0.0], duplicated)]
 
 
 # --------------------------------------------------------------------------- phase combinations

@@ -13,10 +13,10 @@ from d4m.dicom_io.codes import PHASE_ORDER, Phase
 from d4m.dicom_io.errors import InputError
 from d4m.dicom_io.volume import Volume
 from d4m.runtime.preprocess import Normalization
+from d4m.runtime.segmentation import SegmentationSpec
 from d4m.training.datasets import Case
 from d4m.training.evaluation import (
     EvaluationConfig,
-    InferenceSpec,
     case_metrics,
     dice,
     every_phase_subset,
@@ -155,12 +155,12 @@ def test_segment_volumes_with_a_perfect_predictor_and_missing_phases() -> None:
         x = batch[:, 0]
         return np.stack([(x <= -1) * 1.0, ((x > -1) & (x <= 1)) * 1.0, (x > 1) * 1.0], axis=1).astype(np.float32)
 
-    exact = InferenceSpec(norm, (1.0, 1.0, 2.0), (8, 8, 8), 0.5)  # the input spacing: no resampling
+    exact = SegmentationSpec(norm, (1.0, 1.0, 2.0), (8, 8, 8), 0.5)  # the input spacing: no resampling
     labels, duplicated = segment_volumes({Phase.PVP: volume}, predictor, exact)
     assert duplicated == {Phase.NC: Phase.PVP, Phase.ART: Phase.PVP, Phase.DEL: Phase.PVP}
     assert labels.same_grid(volume) and labels.array.dtype == np.uint8
     np.testing.assert_array_equal(labels.array, truth)
-    coarse = InferenceSpec(norm, (2.0, 2.0, 2.0), (8, 8, 8), 0.5)  # resampled there and back
+    coarse = SegmentationSpec(norm, (2.0, 2.0, 2.0), (8, 8, 8), 0.5)  # resampled there and back
     labels, _ = segment_volumes({Phase.PVP: volume, Phase.ART: volume}, predictor, coarse)
     assert labels.same_grid(volume) and dice(labels.array > 0, truth > 0) > 0.9
 
