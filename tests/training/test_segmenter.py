@@ -107,6 +107,13 @@ def test_config_round_trip_and_presets(tmp_path: Path) -> None:
     assert segmenter_preset("cpu").steps > segmenter_preset("tiny").steps
 
 
+def test_tiny_segresnet_gets_its_own_learning_rate_unless_one_is_given() -> None:
+    assert segmenter_preset("tiny").lr == 1e-2
+    assert segmenter_preset("tiny", backbone="segresnet").lr == 1e-3
+    assert segmenter_preset("tiny", backbone="segresnet", lr=5e-3).lr == 5e-3
+    assert segmenter_preset("paper", backbone="segresnet").lr == segmenter_preset("paper").lr
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [({"patch_size": (16, 16, 18)}, "multiples of 4"),
