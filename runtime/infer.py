@@ -705,8 +705,7 @@ def untrained_duplication(manifest: Manifest, duplicated: Mapping[Phase, Phase])
     training = manifest.provenance.get("training")
     if not duplicated or not isinstance(training, dict) or training.get("phase_dropout") != 0:
         return None
-    filled = ", ".join(f"{missing.value} from {source.value}" for missing, source in
-                       sorted(duplicated.items(), key=lambda item: PHASE_ORDER.index(item[0])))
+    filled = ", ".join(f"{phase.value} from {duplicated[phase].value}" for phase in PHASE_ORDER if phase in duplicated)
     return (f"{len(duplicated)} of {len(manifest.phases)} phases missing, filled by duplication ({filled}); "
             "the model was trained without phase dropout and never saw such input: expect lower accuracy than "
             "with every phase (a model for such studies: d4m-train segmenter --phase-dropout)")

@@ -27,8 +27,8 @@ from d4m.runtime.artifacts import read_json, write_json
 from d4m.runtime.postprocess import PostprocessSettings
 from d4m.runtime.segmentation import SegmentationSpec, finish_labels, network_labels
 from d4m.runtime.sliding_window import Predictor
-from d4m.training.datasets import Case
-from d4m.training.evaluation import dice, image_on_label_grid, shared_phases
+from d4m.training.datasets import Case, load_dataset
+from d4m.training.evaluation import dice, image_on_label_grid, load_segmenter, shared_phases
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +108,6 @@ def choose_for_run(folder: Path, data: Path | None = None, split: str = "val", d
     InputError
         A bad run folder or dataset, or no labelled case in that split.
     """
-    from d4m.training.datasets import load_dataset
-    from d4m.training.evaluation import load_segmenter
     from d4m.training.segmenter_data import split_cases
 
     config, predictor, spec = load_segmenter(folder, device=device)
