@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 StageTimer = Callable[[str], AbstractContextManager[Any]]
 
 
+def _untimed(_name: str) -> AbstractContextManager[Any]:
+    return contextlib.nullcontext()
+
+
 @dataclass(frozen=True)
 class SegmentationSpec:
     """What a model needs around its network to segment a study.
@@ -110,7 +114,7 @@ def segment_volumes(
     EngineError
         The predictor failed or returned the wrong shape.
     """
-    timed: StageTimer = stage or (lambda _name: contextlib.nullcontext())
+    timed = stage or _untimed
     reference = reference if reference is not None else next(iter(volumes.values()))
     raw, duplicated = network_labels(volumes, predictor, spec, timed)
     with timed("postprocess"):
@@ -130,7 +134,7 @@ def network_labels(
     labels, duplicated
         ``uint8`` label volume on the target grid, and ``{missing phase: phase copied into it}``.
     """
-    timed: StageTimer = stage or (lambda _name: contextlib.nullcontext())
+    timed = stage or _untimed
     with timed("resample"):
         prepared = prepare_input(volumes, spec.norm, spec.spacing, spec.order)
     grid, duplicated = prepared.grid, prepared.duplicated

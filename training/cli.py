@@ -235,6 +235,9 @@ def segmenter(  # noqa: PLR0913 - one parameter per command-line option (Typer)
     preset: Annotated[str, typer.Option(help="tiny (demo), cpu or paper (96³ patches, GPU).")] = "tiny",
     backbone: Annotated[str, typer.Option(help="dynunet, unet, attention-unet, segresnet or swinunetr.")] = "dynunet",
     steps: Annotated[int | None, typer.Option(help="Training steps (default: the preset's).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: the preset's).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(
+        help="Steps of linear learning-rate warm-up (default: the preset's).")] = None,
     synthetic_ratio: Annotated[float, typer.Option(help="Share of synthetic samples (online or offline).")] = 0.0,
     synthesizer: Annotated[Path | None, typer.Option(
         help="Online: a synthesis config.json or d4m-train synthesize folder (with --synthetic-ratio).")] = None,
@@ -253,7 +256,9 @@ def segmenter(  # noqa: PLR0913 - one parameter per command-line option (Typer)
         changes = {"data": data, "out": out, "backbone": backbone, "synthetic_ratio": synthetic_ratio,
                    "synthesizer": synthesizer, "synthetic_data": synthetic_data, "data_fraction": data_fraction,
                    "phase_dropout": phase_dropout,
-                   "seed": seed, "device": device, **({"steps": steps} if steps else {})}
+                   "seed": seed, "device": device}
+        optional = {"steps": steps, "lr": lr, "warmup_steps": warmup_steps}
+        changes.update({k: v for k, v in optional.items() if v is not None})
         try:
             config = segmenter_preset(preset, **changes)
         except ValueError as exc:

@@ -115,9 +115,10 @@ def init_distributed(device: torch.device) -> Distributed:
     return Distributed(rank, world, local_rank, owns)
 
 
-def poly_lr(base: float, step: int, steps: int, power: float = 0.9) -> float:
-    """nnU-Net's polynomial decay from ``base`` at step 0 towards 0 at ``steps``."""
-    return base * (1.0 - step / steps) ** power
+def poly_lr(base: float, step: int, steps: int, power: float = 0.9, warmup: int = 0) -> float:
+    """nnU-Net's polynomial decay from ``base`` at step 0 towards 0 at ``steps``, ramped up linearly
+    over the first ``warmup`` steps."""
+    return base * (1.0 - step / steps) ** power * min(1.0, (step + 1) / warmup if warmup else 1.0)
 
 
 def build_optimizer(config: SegmenterConfig, parameters: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
@@ -452,7 +453,7 @@ def _train(
         loss_fn = build_loss(config)
         clock, losses = time.perf_counter(), []
         for step, batch in zip(range(start, config.steps), _make_loader(data, config), strict=False):
-            lr = poly_lr(config.lr, step, config.steps)
+            lr = poly_lr(config.lr, step, config.steps, warmup=config.warmup_steps)
             losses.append(_train_step(run, batch, loss_fn, lr))
             done = step + 1
             if done == config.steps or (config.val_every and done % config.val_every == 0):

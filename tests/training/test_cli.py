@@ -83,9 +83,12 @@ def test_rules_synthesis_from_the_cli(tmp_path: Path) -> None:
 def test_segmenter_with_a_bad_option_is_exit_code_2(tmp_path: Path) -> None:
     assert runner.invoke(app, ["-q", "phantom", "--out", str(tmp_path / "c"), "--cases", "1", "--no-dicom"]
                          ).exit_code == 0
-    result = runner.invoke(app, ["segmenter", "--data", str(tmp_path / "c"), "--out", str(tmp_path / "run"),
-                                 "--data-fraction", "7"])
-    assert result.exit_code == 2
+    for option, value in (("--data-fraction", "7"), ("--lr", "0"), ("--warmup-steps", "-1")):
+        result = runner.invoke(app, ["segmenter", "--data", str(tmp_path / "c"), "--out", str(tmp_path / "run"),
+                                     option, value], terminal_width=300)
+        assert result.exit_code == 2, option
+        assert "segmenter options: expected valid values" in " ".join(result.output.split()), option
+    assert not (tmp_path / "run").exists()
 
 
 def test_evaluate_with_an_unknown_phase_set_is_exit_code_2(tmp_path: Path) -> None:

@@ -107,11 +107,26 @@ def test_config_round_trip_and_presets(tmp_path: Path) -> None:
     assert segmenter_preset("cpu").steps > segmenter_preset("tiny").steps
 
 
-def test_tiny_segresnet_gets_its_own_learning_rate_unless_one_is_given() -> None:
-    assert segmenter_preset("tiny").lr == 1e-2
-    assert segmenter_preset("tiny", backbone="segresnet").lr == 1e-3
+def test_tiny_segresnet_gets_its_own_widths_and_learning_rate_unless_given() -> None:
+    assert (segmenter_preset("tiny").lr, segmenter_preset("tiny").filters) == (1e-2, (8, 16, 32, 64))
+    segresnet = segmenter_preset("tiny", backbone="segresnet")
+    assert (segresnet.lr, segresnet.filters, segresnet.steps) == (1e-3, (16, 32, 64, 128), 800)
     assert segmenter_preset("tiny", backbone="segresnet", lr=5e-3).lr == 5e-3
+    assert segmenter_preset("tiny", backbone="segresnet", filters=(8, 16)).filters == (8, 16)
     assert segmenter_preset("paper", backbone="segresnet").lr == segmenter_preset("paper").lr
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cpu", "paper"])
+def test_every_preset_gives_swinunetr_a_feature_size_and_patch_it_can_use(preset: str) -> None:
+    config = segmenter_preset(preset, backbone="swinunetr")
+    assert config.filters[0] % 12 == 0 and all(p % 32 == 0 and p >= 64 for p in config.patch_size)
+    assert segmenter_preset(preset).filters != config.filters  # the preset's DynUNet widths do not fit
+
+
+def test_tiny_swinunetr_warms_up_to_a_lower_learning_rate() -> None:
+    config = segmenter_preset("tiny", backbone="swinunetr")
+    assert (config.lr, config.warmup_steps) == (1e-3, 80)
+    assert segmenter_preset("tiny").warmup_steps == 0
 
 
 @pytest.mark.parametrize(
@@ -293,8 +308,14 @@ def test_poly_lr() -> None:
     assert poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5**0.9)
 
 
+def test_poly_lr_warms_up_linearly_then_decays() -> None:
+    assert poly_lr(0.01, 0, 100, warmup=10) == pytest.approx(0.001)
+    assert poly_lr(0.01, 4, 100, warmup=10) == pytest.approx(0.005 * 0.96**0.9)
+    assert [poly_lr(0.01, s, 100, warmup=10) for s in (9, 50)] == [poly_lr(0.01, s, 100) for s in (9, 50)]
+
+
 def test_training_writes_checkpoints_and_resume_equals_uninterrupted(dataset: Dataset, tmp_path: Path) -> None:
-    full = train_segmenter(tiny(dataset.root, tmp_path / "full"))
+    full = train_segmenter(tiny(dataset.root, tmp_path / "full", warmup_steps=4))
     for name in ("model.safetensors", "last.safetensors", "config.json", "metrics.csv", "metrics.json", "resume.pt",
                  "postprocess.json"):
         assert (full / name).is_file(), name
@@ -307,6 +328,9 @@ def test_training_writes_checkpoints_and_resume_equals_uninterrupted(dataset: Da
     assert saved.spacing == SPACING and saved.norm_mean is not None and 60 < saved.norm_mean < 120
     rows = _csv(full / "metrics.csv")
     assert [int(r["step"]) for r in rows] == [3, 6]
+    # the last step's learning rate: still warming up at step 3 of 4, decaying at step 6
+    assert [float(r["lr"]) for r in rows] == pytest.approx([poly_lr(3e-3, 2, 6, warmup=4), poly_lr(3e-3, 5, 6)],
+                                                           rel=1e-5)
     assert all(0.0 <= float(r["val_tumor_dice"]) <= 1.0 for r in rows)
     best = json.loads((full / "metrics.json").read_text())["best"]
     assert best["tumor_dice"] == pytest.approx(max(float(r["val_tumor_dice"]) for r in rows), rel=1e-5)
@@ -321,7 +345,7 @@ def test_training_writes_checkpoints_and_resume_equals_uninterrupted(dataset: Da
         if sum(done) == 4:
             raise Killed
 
-    interrupted = tiny(dataset.root, tmp_path / "killed")
+    interrupted = tiny(dataset.root, tmp_path / "killed", warmup_steps=4)
     with pytest.raises(Killed):
         train_segmenter(interrupted, progress=kill_after_four)
     assert _csv(tmp_path / "killed" / "metrics.csv")[-1]["step"] == "3"
